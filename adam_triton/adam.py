@@ -1,0 +1,129 @@
+"""Adam and AdamW: drop-in replacements for torch.optim.Adam / AdamW, one fused launch per
+(param group, device, dtype) bucket."""
+
+import torch
+
+from . import reference
+from ._base import FusedOptimizer, check_hyper, check_lr, check_torch_flags
+
+
+class Adam(FusedOptimizer):
+    """torch.optim.Adam's signature, defaults, errors, math and state keys
+    (`step`, `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`), computed in fp32 by Triton kernels.
+
+    decoupled_weight_decay=True gives AdamW. foreach is accepted and ignored; fused=False
+    and differentiable=True are refused."""
+
+    kernel_name = "adam"
+
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+        foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+        decoupled_weight_decay=False,
+    ):
+        check_lr(lr)
+        check_hyper("epsilon", eps)
+        check_hyper("beta", betas[0], f"Invalid beta parameter at index 0: {betas[0]}", upper=1.0)
+        check_hyper("beta", betas[1], f"Invalid beta parameter at index 1: {betas[1]}", upper=1.0)
+        check_hyper("weight_decay", weight_decay)
+        betas = _betas(betas)
+        check_torch_flags(type(self).__name__, fused, differentiable)
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", False)
+
+    def _sparse_message(self):
+        return "Adam does not support sparse gradients, please consider SparseAdam instead"
+
+    def state_keys(self, group):
+        keys = ["exp_avg", "exp_avg_sq"]
+        return keys + ["max_exp_avg_sq"] if group["amsgrad"] else keys
+
+    def _init_state(self, param, state, group):
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        for key in self.state_keys(group):
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _flags(self, group):
+        return (group["amsgrad"], group["maximize"], self._wd_mode(group))
+
+    @staticmethod
+    def _wd_mode(group):
+        from .kernels import WD_DECOUPLED, WD_L2, WD_NONE
+
+        if group["weight_decay"] == 0:
+            return WD_NONE
+        return WD_DECOUPLED if group["decoupled_weight_decay"] else WD_L2
+
+    def _launch(self, group, tables, dtypes, config, lr, grad_scale, found_inf):
+        from .kernels import adam_update
+
+        beta1, beta2 = (float(b) for b in group["betas"])
+        adam_update(
+            tables.table, tables.chunks, tables.n_chunks,
+            lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"], wd_mode=self._wd_mode(group),
+            param_dtype=dtypes[0], grad_dtype=dtypes[1], state_dtype=dtypes[2],
+            aligned=tables.aligned, config=config, grad_scale=grad_scale, found_inf=found_inf,
+        )
+
+    def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):
+        beta1, beta2 = group["betas"]
+        reference.upcast_step(
+            reference.adam_step, tensor_lists + [None] * (5 - len(tensor_lists)), steps, compute_dtype,
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+            maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
+            grad_scale=grad_scale,
+        )
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW: Adam with decoupled weight decay, default weight_decay=0.01."""
+
+    def __init__(
+        self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+        maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+    ):
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True,
+        )
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
+
+
+def _betas(betas):
+    """torch's rules: both floats or both 1-element tensors; tensors must live on the CPU
+    here (a device tensor would need a host read every step)."""
+    b0, b1 = betas
+    if not ((isinstance(b0, float) and isinstance(b1, float))
+            or (isinstance(b0, torch.Tensor) and isinstance(b1, torch.Tensor))):
+        raise ValueError("betas must be either both floats or both Tensors")
+    if isinstance(b0, torch.Tensor):
+        for i, b in enumerate((b0, b1)):
+            if b.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
+            if b.device.type != "cpu":
+                raise ValueError(f"Tensor betas[{i}] must be on the CPU for adam_triton")
+        return (b0.reshape(()), b1.reshape(()))
+    return (b0, b1)

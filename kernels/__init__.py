@@ -1,0 +1,11 @@
+"""Triton kernels of adam-triton.
+
+This folder (kernels/ at the top of the repository) is installed as the subpackage
+`adam_triton.kernels` through setuptools' package-dir, so it never collides with another
+distribution's top-level `kernels` module. One file per algorithm; shared pieces in _common.
+"""
+
+from ._common import increment_steps
+from .adam import WD_DECOUPLED, WD_L2, WD_NONE, adam_update
+
+__all__ = ["increment_steps", "adam_update", "WD_NONE", "WD_L2", "WD_DECOUPLED"]

@@ -1,0 +1,124 @@
+"""Pieces every optimizer kernel shares: the tensor table, chunk decoding, fp32 loads and
+stores for every storage dtype (bf16 rounded to nearest even, bit for bit like torch),
+bias corrections from a device-side step, and the step-increment kernel.
+
+The tensor table is an int64 tensor of shape [n_tensors, ROW]; row t describes tensor t of a
+bucket. The chunk table is an int64 tensor of shape [n_chunks, 2]: (tensor index, first
+element). Program c of an update kernel handles CHUNK elements of one tensor.
+"""
+
+import triton
+import triton.language as tl
+
+# Columns of a tensor-table row. STATE0..STATE3 are the algorithm's state buffers, in the
+# order its kernel documents; an unused slot holds 0.
+NUMEL = tl.constexpr(0)
+STEP = tl.constexpr(1)
+PARAM = tl.constexpr(2)
+GRAD = tl.constexpr(3)
+STATE0 = tl.constexpr(4)
+STATE1 = tl.constexpr(5)
+STATE2 = tl.constexpr(6)
+STATE3 = tl.constexpr(7)
+ROW = tl.constexpr(8)
+
+
+@triton.jit
+def program_chunk(chunks_ptr):
+    """(tensor index, first element) of this program's chunk, both int64."""
+    c = tl.program_id(0).to(tl.int64)
+    t = tl.load(chunks_ptr + 2 * c)
+    start = tl.load(chunks_ptr + 2 * c + 1)
+    return t, start
+
+
+@triton.jit
+def field_ptr(row_ptr, FIELD: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The pointer stored in column FIELD of a table row, typed for DTYPE's storage.
+
+    bf16 is addressed as uint16 and converted by bits (the interpreter's bf16 casts truncate
+    and flush subnormals). ALIGNED promises 16-byte alignment (checked on the host)."""
+    raw = tl.load(row_ptr + FIELD)
+    if DTYPE == tl.bfloat16:
+        ptr = raw.to(tl.pointer_type(tl.uint16))
+    else:
+        ptr = raw.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
+    """Load ptr[offs] (masked unless mask is None) and widen to fp32."""
+    if mask is None:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=0)
+    if DTYPE == tl.bfloat16:
+        return (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def bf16_bits_rne(x):
+    """fp32 -> bf16 bit pattern, rounded to nearest even; NaN -> 0x7FC0 (as torch)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16)
+
+
+@triton.jit
+def store_f32(ptr, offs, x, mask, DTYPE: tl.constexpr):
+    """Round the fp32 value x to DTYPE (nearest even) and store it at ptr[offs]."""
+    if DTYPE == tl.bfloat16:
+        tl.store(ptr + offs, bf16_bits_rne(x), mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def as_f64(x):
+    """A runtime scalar (fp32 kernel argument, Python float under the interpreter) as fp64."""
+    return tl.cast(x, tl.float64)
+
+
+@triton.jit
+def bias_correction(step, log2_beta_hi, log2_beta_lo):
+    """1 - beta**step in fp64; log2(beta) arrives as an fp32 pair hi + lo (from the host's
+    float64), so the result matches torch's double-precision `1 - beta ** step`."""
+    log2_beta = as_f64(log2_beta_hi) + as_f64(log2_beta_lo)
+    return 1.0 - tl.exp2(step.to(tl.float64) * log2_beta)
+
+
+@triton.jit
+def lerp(start, end, weight):
+    """torch.lerp's formula: start + w (end - start) for w < 0.5, else end - (end - start)(1 - w)."""
+    diff = end - start
+    return tl.where(weight < 0.5, start + weight * diff, end - diff * (1.0 - weight))
+
+
+@triton.jit
+def _increment_steps_kernel(
+    table_ptr,  # int64 [n_tensors, ROW] tensor table; column STEP holds fp32 step pointers
+    n_tensors,  # rows in the table
+    found_inf_ptr,  # fp32 flag from GradScaler (None: no scaler); non-zero skips the increment
+    BLOCK: tl.constexpr,
+):
+    # one program walks the whole table: a bucket has at most a few thousand tensors
+    inc = 1.0
+    if found_inf_ptr is not None:
+        inc = tl.where(tl.load(found_inf_ptr) == 0, 1.0, 0.0)
+    for first in range(0, n_tensors, BLOCK):
+        rows = first + tl.arange(0, BLOCK)
+        mask = rows < n_tensors
+        step_ptrs = tl.load(table_ptr + rows.to(tl.int64) * ROW + STEP, mask=mask, other=0)
+        step_ptrs = step_ptrs.to(tl.pointer_type(tl.float32))
+        tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + inc, mask=mask)
+
+
+def increment_steps(table, n_tensors, found_inf=None):
+    """step += 1 for every tensor of the table (one launch); no-op where found_inf != 0."""
+    _increment_steps_kernel[(1,)](table, n_tensors, found_inf, BLOCK=256)

@@ -1,0 +1,184 @@
+"""Adam / AdamW / AMSGrad: one launch updates every tensor of a bucket.
+
+Math (torch.optim.Adam, computed in fp32; step already incremented):
+    g = -grad if maximize else grad;  g = g / grad_scale (AMP)
+    L2:        g = g + wd * p              decoupled: p = p * (1 - lr * wd)
+    m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g;  vmax = max(vmax, v)
+    p = p - lr / (1 - beta1^t) * m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps)
+State slots of the tensor table: STATE0 exp_avg, STATE1 exp_avg_sq, STATE2 max_exp_avg_sq.
+"""
+
+import math
+
+import numpy as np
+import triton
+import triton.language as tl
+
+from ._common import (
+    GRAD,
+    NUMEL,
+    PARAM,
+    ROW,
+    STATE0,
+    STATE1,
+    STATE2,
+    STEP,
+    as_f64,
+    bias_correction,
+    lerp,
+    load_f32,
+    program_chunk,
+    store_f32,
+    field_ptr,
+)
+
+# weight-decay modes (constexpr): none, L2 (added to the gradient), decoupled (AdamW)
+WD_NONE, WD_L2, WD_DECOUPLED = 0, 1, 2
+
+
+@triton.jit
+def _adam_chunk(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,  # typed pointers
+    start, numel,  # first element of the chunk, elements in the tensor
+    grad_div, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
+    MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        if MASKED:
+            mask = offs < numel
+        else:
+            mask = None
+        # load and widen to fp32
+        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div
+        p = load_f32(param_ptr, offs, mask, PARAM_DTYPE)
+        m = load_f32(exp_avg_ptr, offs, mask, STATE_DTYPE)
+        v = load_f32(exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
+        if MAXIMIZE:
+            g = -g
+        # weight decay
+        if WD_MODE == 1:
+            g = g + weight_decay * p
+        if WD_MODE == 2:
+            p = p * decay
+        # moments
+        m = lerp(m, g, one_minus_beta1)
+        v = beta2 * v + one_minus_beta2 * g * g
+        if AMSGRAD:
+            vmax = load_f32(max_exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
+            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+            store_f32(max_exp_avg_sq_ptr, offs, vmax, mask, STATE_DTYPE)
+            denom = tl.sqrt(vmax) / bc2_sqrt + eps
+        else:
+            denom = tl.sqrt(v) / bc2_sqrt + eps
+        # update and write back
+        p = p - step_size * (m / denom)
+        store_f32(exp_avg_ptr, offs, m, mask, STATE_DTYPE)
+        store_f32(exp_avg_sq_ptr, offs, v, mask, STATE_DTYPE)
+        store_f32(param_ptr, offs, p, mask, PARAM_DTYPE)
+
+
+@triton.jit
+def _adam_kernel(
+    table_ptr,  # int64 [n_tensors, ROW]: numel, step, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
+    chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
+    lr,  # fp32 learning rate (ignored when lr_ptr is given)
+    lr_ptr,  # 0-d lr tensor on the device, or None
+    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,  # fp32 hyperparameters
+    log2_beta1_hi, log2_beta1_lo, log2_beta2_hi, log2_beta2_lo,  # log2(beta) as fp32 pairs
+    grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
+    found_inf_ptr,  # GradScaler's found_inf: non-zero leaves everything untouched; or None
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # which tensor and which part of it
+    t, start = program_chunk(chunks_ptr)
+    row = table_ptr + t * ROW
+    numel = tl.load(row + NUMEL)
+    param_ptr = field_ptr(row, PARAM, PARAM_DTYPE, ALIGNED)
+    grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
+    exp_avg_ptr = field_ptr(row, STATE0, STATE_DTYPE, ALIGNED)
+    exp_avg_sq_ptr = field_ptr(row, STATE1, STATE_DTYPE, ALIGNED)
+    max_exp_avg_sq_ptr = exp_avg_sq_ptr
+    if AMSGRAD:
+        max_exp_avg_sq_ptr = field_ptr(row, STATE2, STATE_DTYPE, ALIGNED)
+
+    # per-tensor scalars in fp64: bias corrections from the (already incremented) step
+    step = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
+    lr64 = as_f64(lr)
+    if lr_ptr is not None:
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    bc1 = bias_correction(step, log2_beta1_hi, log2_beta1_lo)
+    bc2 = bias_correction(step, log2_beta2_hi, log2_beta2_lo)
+    step_size = (lr64 / bc1).to(tl.float32)
+    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
+    decay = (1.0 - lr64 * as_f64(weight_decay)).to(tl.float32)
+    grad_div = 1.0
+    if grad_scale_ptr is not None:
+        grad_div = tl.load(grad_scale_ptr).to(tl.float32)
+    run = True
+    if found_inf_ptr is not None:
+        run = tl.load(found_inf_ptr) == 0
+
+    if run:
+        if ALIGNED:
+            start = tl.multiple_of(start, CHUNK)
+            if start + CHUNK <= numel:
+                _adam_chunk(
+                    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                    start, numel, grad_div, step_size, bc2_sqrt, decay,
+                    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                    PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
+                    False, CHUNK, BLOCK,
+                )
+            else:
+                _adam_chunk(
+                    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                    start, numel, grad_div, step_size, bc2_sqrt, decay,
+                    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                    PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
+                    True, CHUNK, BLOCK,
+                )
+        else:
+            _adam_chunk(
+                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                start, numel, grad_div, step_size, bc2_sqrt, decay,
+                one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
+                True, CHUNK, BLOCK,
+            )
+
+
+def split_f64(x):
+    """x (a Python float) as an fp32 pair (hi, lo) with hi + lo == x to ~48 bits."""
+    hi = float(np.float32(x))
+    return hi, float(np.float32(x - hi))
+
+
+def adam_update(
+    table, chunks, n_chunks, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+    wd_mode, param_dtype, grad_dtype, state_dtype, aligned, config,
+    grad_scale=None, found_inf=None,
+):
+    """Launch the Adam update over every chunk of a bucket (one launch).
+
+    lr: a float, or a 0-d tensor on the bucket's device (read in the kernel). dtypes are
+    triton dtypes; config is a dict with CHUNK, BLOCK, num_warps."""
+    lr_ptr = lr if not isinstance(lr, (int, float)) else None
+    l1 = split_f64(math.log2(beta1)) if beta1 > 0 else (-math.inf, 0.0)
+    l2 = split_f64(math.log2(beta2)) if beta2 > 0 else (-math.inf, 0.0)
+    _adam_kernel[(n_chunks,)](
+        table, chunks,
+        0.0 if lr_ptr is not None else float(lr), lr_ptr,
+        float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), float(weight_decay),
+        l1[0], l1[1], l2[0], l2[1],
+        grad_scale, found_inf,
+        PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
+        AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), WD_MODE=wd_mode,
+        ALIGNED=bool(aligned), CHUNK=config["CHUNK"], BLOCK=config["BLOCK"],
+        num_warps=config["num_warps"],
+    )
