@@ -1,8 +1,9 @@
-"""adam-triton: one multi-tensor fused Adam / AdamW / AMSGrad step in Triton across all of a
+"""adam-triton: one multi-tensor fused Adam / AdamW / AMSGrad / RMSprop step in Triton across all of a
 model's parameters, behind drop-in replacements for torch.optim."""
 
 from . import reference
 from .adam import Adam, AdamW
+from .rmsprop import RMSprop
 
-__all__ = ["Adam", "AdamW", "reference"]
+__all__ = ["Adam", "AdamW", "RMSprop", "reference"]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-__all__ = ["adam_step", "upcast_step"]
+__all__ = ["adam_step", "rmsprop_step", "upcast_step"]
 
 
 def _scalar(x):
@@ -51,6 +51,42 @@ def adam_step(
             second = exp_avg_sq
         denom = (second.sqrt() / bias_correction2_sqrt).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def rmsprop_step(
+    params, grads, square_avgs, momentum_buffers, grad_avgs, steps, *,
+    lr, alpha, eps, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
+    grad_scale=None,
+):
+    """One RMSprop step (torch.optim.RMSprop's math; no bias correction).
+
+    g = ±grad / grad_scale; L2: g += wd p; v = a v + (1 - a) g²;
+    centered: ga = lerp(ga, g, 1 - a), avg = sqrt(v - ga²) + eps, else avg = sqrt(v) + eps;
+    momentum: buf = mu buf + g / avg, p -= lr buf; else p -= lr g / avg.
+    momentum_buffers / grad_avgs may be None unless momentum > 0 / centered."""
+    lr = _scalar(lr)
+    for i, param in enumerate(params):
+        grad = grads[i] if not maximize else -grads[i]
+        if grad_scale is not None:
+            grad = grad / _scalar(grad_scale)
+        square_avg = square_avgs[i]
+        steps[i] += 1
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+        if centered:
+            grad_avg = grad_avgs[i]
+            grad_avg.lerp_(grad, 1 - alpha)
+            avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        else:
+            avg = square_avg.sqrt()
+        avg = avg.add_(eps)
+        if momentum > 0:
+            buf = momentum_buffers[i]
+            buf.mul_(momentum).addcdiv_(grad, avg)
+            param.add_(buf, alpha=-lr)
+        else:
+            param.addcdiv_(grad, avg, value=-lr)
 
 
 def upcast_step(step_fn, tensor_lists, steps, compute_dtype, **hyper):

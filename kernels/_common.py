@@ -33,6 +33,26 @@ def program_chunk(chunks_ptr):
 
 
 @triton.jit
+def chunk_prologue(table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr):
+    """What every update program needs first: its table row, first element and the
+    tensor's numel; lr in fp64 (from lr_ptr when given); the divisor of the grads (AMP
+    scale, 1 without); and whether to run at all (False when GradScaler found an inf)."""
+    t, start = program_chunk(chunks_ptr)
+    row = table_ptr + t * ROW
+    numel = tl.load(row + NUMEL)
+    lr64 = as_f64(lr)
+    if lr_ptr is not None:
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+    grad_div = 1.0
+    if grad_scale_ptr is not None:
+        grad_div = tl.load(grad_scale_ptr).to(tl.float32)
+    run = True
+    if found_inf_ptr is not None:
+        run = tl.load(found_inf_ptr) == 0
+    return row, start, numel, lr64, grad_div, run
+
+
+@triton.jit
 def field_ptr(row_ptr, FIELD: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """The pointer stored in column FIELD of a table row, typed for DTYPE's storage.
 
@@ -117,6 +137,13 @@ def _increment_steps_kernel(
         step_ptrs = tl.load(table_ptr + rows.to(tl.int64) * ROW + STEP, mask=mask, other=0)
         step_ptrs = step_ptrs.to(tl.pointer_type(tl.float32))
         tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + inc, mask=mask)
+
+
+def lr_args(lr):
+    """(value, pointer) kernel arguments for lr: a float, or a 0-d tensor read on the device."""
+    if isinstance(lr, (int, float)):
+        return float(lr), None
+    return 0.0, lr
 
 
 def increment_steps(table, n_tensors, found_inf=None):

@@ -16,18 +16,17 @@ import triton.language as tl
 
 from ._common import (
     GRAD,
-    NUMEL,
     PARAM,
-    ROW,
     STATE0,
     STATE1,
     STATE2,
     STEP,
     as_f64,
     bias_correction,
+    chunk_prologue,
     lerp,
     load_f32,
-    program_chunk,
+    lr_args,
     store_f32,
     field_ptr,
 )
@@ -95,10 +94,10 @@ def _adam_kernel(
     ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # which tensor and which part of it
-    t, start = program_chunk(chunks_ptr)
-    row = table_ptr + t * ROW
-    numel = tl.load(row + NUMEL)
+    # which tensor, which part of it, and the shared per-step scalars
+    row, start, numel, lr64, grad_div, run = chunk_prologue(
+        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr
+    )
     param_ptr = field_ptr(row, PARAM, PARAM_DTYPE, ALIGNED)
     grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
     exp_avg_ptr = field_ptr(row, STATE0, STATE_DTYPE, ALIGNED)
@@ -107,42 +106,26 @@ def _adam_kernel(
     if AMSGRAD:
         max_exp_avg_sq_ptr = field_ptr(row, STATE2, STATE_DTYPE, ALIGNED)
 
-    # per-tensor scalars in fp64: bias corrections from the (already incremented) step
+    # bias corrections in fp64 from the (already incremented) step
     step = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
-    lr64 = as_f64(lr)
-    if lr_ptr is not None:
-        lr64 = tl.load(lr_ptr).to(tl.float64)
     bc1 = bias_correction(step, log2_beta1_hi, log2_beta1_lo)
     bc2 = bias_correction(step, log2_beta2_hi, log2_beta2_lo)
     step_size = (lr64 / bc1).to(tl.float32)
     bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
     decay = (1.0 - lr64 * as_f64(weight_decay)).to(tl.float32)
-    grad_div = 1.0
-    if grad_scale_ptr is not None:
-        grad_div = tl.load(grad_scale_ptr).to(tl.float32)
-    run = True
-    if found_inf_ptr is not None:
-        run = tl.load(found_inf_ptr) == 0
 
+    if ALIGNED:
+        start = tl.multiple_of(start, CHUNK)
     if run:
-        if ALIGNED:
-            start = tl.multiple_of(start, CHUNK)
-            if start + CHUNK <= numel:
-                _adam_chunk(
-                    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                    start, numel, grad_div, step_size, bc2_sqrt, decay,
-                    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                    PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
-                    False, CHUNK, BLOCK,
-                )
-            else:
-                _adam_chunk(
-                    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                    start, numel, grad_div, step_size, bc2_sqrt, decay,
-                    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                    PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
-                    True, CHUNK, BLOCK,
-                )
+        # full chunks of aligned tensors take the unmasked (128-bit) path
+        if ALIGNED and start + CHUNK <= numel:
+            _adam_chunk(
+                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                start, numel, grad_div, step_size, bc2_sqrt, decay,
+                one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
+                False, CHUNK, BLOCK,
+            )
         else:
             _adam_chunk(
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
@@ -168,12 +151,12 @@ def adam_update(
 
     lr: a float, or a 0-d tensor on the bucket's device (read in the kernel). dtypes are
     triton dtypes; config is a dict with CHUNK, BLOCK, num_warps."""
-    lr_ptr = lr if not isinstance(lr, (int, float)) else None
+    lr, lr_ptr = lr_args(lr)
     l1 = split_f64(math.log2(beta1)) if beta1 > 0 else (-math.inf, 0.0)
     l2 = split_f64(math.log2(beta2)) if beta2 > 0 else (-math.inf, 0.0)
     _adam_kernel[(n_chunks,)](
         table, chunks,
-        0.0 if lr_ptr is not None else float(lr), lr_ptr,
+        lr, lr_ptr,
         float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), float(weight_decay),
         l1[0], l1[1], l2[0], l2[1],
         grad_scale, found_inf,

@@ -1,0 +1,141 @@
+"""RMSprop (plain, centered, with momentum): one launch updates every tensor of a bucket.
+
+Math (torch.optim.RMSprop, computed in fp32; no bias correction):
+    g = -grad if maximize else grad;  g = g / grad_scale (AMP);  L2: g = g + wd * p
+    v = alpha * v + (1 - alpha) * g * g
+    centered: ga = lerp(ga, g, 1 - alpha);  avg = sqrt(v - ga * ga) + eps
+    else:     avg = sqrt(v) + eps                          (eps added after the sqrt)
+    momentum: buf = mu * buf + g / avg;  p = p - lr * buf
+    else:     p = p - lr * g / avg
+State slots of the tensor table: STATE0 square_avg, STATE1 momentum_buffer, STATE2 grad_avg.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import (
+    GRAD,
+    PARAM,
+    STATE0,
+    STATE1,
+    STATE2,
+    chunk_prologue,
+    field_ptr,
+    lerp,
+    load_f32,
+    lr_args,
+    store_f32,
+)
+
+
+@triton.jit
+def _rmsprop_chunk(
+    param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,  # typed pointers
+    start, numel,  # first element of the chunk, elements in the tensor
+    grad_div, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        if MASKED:
+            mask = offs < numel
+        else:
+            mask = None
+        # load and widen to fp32
+        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div
+        p = load_f32(param_ptr, offs, mask, PARAM_DTYPE)
+        v = load_f32(square_avg_ptr, offs, mask, STATE_DTYPE)
+        if MAXIMIZE:
+            g = -g
+        if WEIGHT_DECAY:
+            g = g + weight_decay * p
+        # running averages; eps after the sqrt
+        v = alpha * v + one_minus_alpha * g * g
+        store_f32(square_avg_ptr, offs, v, mask, STATE_DTYPE)
+        if CENTERED:
+            ga = lerp(load_f32(grad_avg_ptr, offs, mask, STATE_DTYPE), g, one_minus_alpha)
+            store_f32(grad_avg_ptr, offs, ga, mask, STATE_DTYPE)
+            avg = tl.sqrt(v - ga * ga) + eps
+        else:
+            avg = tl.sqrt(v) + eps
+        # update and write back
+        if MOMENTUM:
+            buf = momentum * load_f32(momentum_buffer_ptr, offs, mask, STATE_DTYPE) + g / avg
+            store_f32(momentum_buffer_ptr, offs, buf, mask, STATE_DTYPE)
+            p = p - lr * buf
+        else:
+            p = p - lr * (g / avg)
+        store_f32(param_ptr, offs, p, mask, PARAM_DTYPE)
+
+
+@triton.jit
+def _rmsprop_kernel(
+    table_ptr,  # int64 [n_tensors, ROW]: numel, step, param, grad, square_avg, momentum_buffer, grad_avg
+    chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
+    lr,  # fp32 learning rate (ignored when lr_ptr is given)
+    lr_ptr,  # 0-d lr tensor on the device, or None
+    alpha, one_minus_alpha, eps, weight_decay, momentum,  # fp32 hyperparameters
+    grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
+    found_inf_ptr,  # GradScaler's found_inf: non-zero leaves everything untouched; or None
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+    CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # which tensor, which part of it, and the shared per-step scalars
+    row, start, numel, lr64, grad_div, run = chunk_prologue(
+        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr
+    )
+    param_ptr = field_ptr(row, PARAM, PARAM_DTYPE, ALIGNED)
+    grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
+    square_avg_ptr = field_ptr(row, STATE0, STATE_DTYPE, ALIGNED)
+    momentum_buffer_ptr = square_avg_ptr
+    if MOMENTUM:
+        momentum_buffer_ptr = field_ptr(row, STATE1, STATE_DTYPE, ALIGNED)
+    grad_avg_ptr = square_avg_ptr
+    if CENTERED:
+        grad_avg_ptr = field_ptr(row, STATE2, STATE_DTYPE, ALIGNED)
+    lr32 = lr64.to(tl.float32)
+
+    if ALIGNED:
+        start = tl.multiple_of(start, CHUNK)
+    if run:
+        # full chunks of aligned tensors take the unmasked (128-bit) path
+        if ALIGNED and start + CHUNK <= numel:
+            _rmsprop_chunk(
+                param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
+                start, numel, grad_div, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
+                False, CHUNK, BLOCK,
+            )
+        else:
+            _rmsprop_chunk(
+                param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
+                start, numel, grad_div, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
+                True, CHUNK, BLOCK,
+            )
+
+
+def rmsprop_update(
+    table, chunks, n_chunks, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+    param_dtype, grad_dtype, state_dtype, aligned, config, grad_scale=None, found_inf=None,
+):
+    """Launch the RMSprop update over every chunk of a bucket (one launch).
+
+    lr: a float, or a 0-d tensor on the bucket's device (read in the kernel). dtypes are
+    triton dtypes; config is a dict with CHUNK, BLOCK, num_warps."""
+    lr, lr_ptr = lr_args(lr)
+    _rmsprop_kernel[(n_chunks,)](
+        table, chunks, lr, lr_ptr,
+        float(alpha), float(1.0 - alpha), float(eps), float(weight_decay), float(momentum),
+        grad_scale, found_inf,
+        PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
+        CENTERED=bool(centered), MOMENTUM=momentum > 0, MAXIMIZE=bool(maximize),
+        WEIGHT_DECAY=weight_decay != 0,
+        ALIGNED=bool(aligned), CHUNK=config["CHUNK"], BLOCK=config["BLOCK"],
+        num_warps=config["num_warps"],
+    )
