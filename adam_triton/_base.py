@@ -77,6 +77,29 @@ class _Entry:
             original.copy_(staged)
 
 
+class _Plan:
+    """One bucket's work for this step: its tensors and, on the kernel path, its tables."""
+
+    __slots__ = ("group", "key", "entries", "tables", "config", "lr", "steps_done")
+
+    def __init__(self, group, key, entries):
+        self.group, self.key, self.entries = group, key, entries
+        self.tables = self.config = self.lr = None
+        self.steps_done = False
+
+
+def _grad_sq_sum(entries, grad_scale):
+    """Sum of squares of (grad / grad_scale) over entries, as a 0-d tensor (PyTorch path)."""
+    total = None
+    for e in entries:
+        g = e.grad.to(torch.float64 if e.grad.dtype == torch.float64 else torch.float32)
+        if grad_scale is not None:
+            g = g / grad_scale
+        s = (g * g).sum()
+        total = s if total is None else total + s
+    return total
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class: subclasses set `kernel_name`, `state_keys(group)`, `_init_state`,
     `_launch` and `_reference`."""
@@ -84,8 +107,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
     kernel_name = None
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, max_grad_norm=None):
+        if max_grad_norm is not None and not 0.0 <= max_grad_norm:
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm = None  # 0-d tensor: total grad norm before clipping, last step
         self._bucket_tables = {}
 
     # -- what a subclass provides -------------------------------------------------------
@@ -96,7 +123,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _init_state(self, param, state, group):
         raise NotImplementedError
 
-    def _launch(self, group, tables, dtypes, config, lr, grad_scale, found_inf):
+    def _launch(self, group, tables, dtypes, config, lr, grad_scale, found_inf, clip_coef):
         raise NotImplementedError
 
     def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):
@@ -127,12 +154,22 @@ class FusedOptimizer(torch.optim.Optimizer):
             work.append((group, params))
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for gi, (group, params) in enumerate(work):
-            if params:
-                self._step_group(gi, group, params, grad_scale, found_inf)
+        plans = [plan for gi, (group, params) in enumerate(work) if params
+                 for plan in self._plan_group(gi, group, params)]
+        clip = None
+        if self.max_grad_norm is not None and plans:
+            clip = self._clip_coefficients(plans, grad_scale, found_inf)
+        for plan in plans:
+            if plan.tables is not None:
+                self._kernel_bucket(plan, grad_scale, found_inf, clip)
+            else:
+                self._reference_bucket(plan, grad_scale, found_inf, clip)
+            for e in plan.entries:
+                e.finish()
         return loss
 
-    def _step_group(self, gi, group, params, grad_scale, found_inf):
+    def _plan_group(self, gi, group, params):
+        """Group a param group's tensors into buckets and prepare each bucket's launch."""
         keys = self.state_keys(group)
         buckets = {}
         for p in params:
@@ -143,14 +180,29 @@ class FusedOptimizer(torch.optim.Optimizer):
             ref = next((s for s in states if s is not None), p)
             key = (p.device, _real(p).dtype, _real(p.grad).dtype, _real(ref).dtype)
             buckets.setdefault(key, []).append(_Entry(p, p.grad, states, state["step"]))
-        for key, entries in buckets.items():
-            device, p_dtype, g_dtype, s_dtype = key
-            if self._uses_kernel(device, (p_dtype, g_dtype, s_dtype)):
-                self._kernel_bucket(gi, group, key, entries, grad_scale, found_inf)
-            else:
-                self._reference_bucket(group, entries, grad_scale, found_inf)
-            for e in entries:
-                e.finish()
+        return [self._plan_bucket(gi, group, key, entries) for key, entries in buckets.items()]
+
+    def _plan_bucket(self, gi, group, key, entries):
+        plan = _Plan(group, key, entries)
+        if not self._uses_kernel(key[0], key[1:]):
+            return plan
+        rows = []
+        for e in entries:
+            slots = [0 if s is None else s.data_ptr() for s in e.states]
+            slots += [0] * (4 - len(slots))
+            rows.append((e.param.numel(), e.step.data_ptr(), e.param.data_ptr(), e.grad.data_ptr(), *slots))
+        numels = [r[0] for r in rows]
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = lr if lr.device == key[0] else float(lr)
+        plan.lr = lr
+        tune_key = (self.kernel_name, str(key[0]), key[1:], self._flags(group), tuning.size_class(numels))
+        plan.config = tuning.config_for(
+            tune_key, lambda c: self._bench_scratch(group, key, numels, len(entries[0].states), c, lr)
+        )
+        tables = self._bucket_tables.setdefault((gi, key), BucketTables())
+        plan.tables = tables.update(rows, key[0], plan.config["CHUNK"])
+        return plan
 
     @staticmethod
     def _uses_kernel(device, dtypes):
@@ -160,28 +212,71 @@ class FusedOptimizer(torch.optim.Optimizer):
             return True
         return device.type == "cpu" and tuning.interpreter_on()
 
-    def _kernel_bucket(self, gi, group, key, entries, grad_scale, found_inf):
+    def _clip_coefficients(self, plans, grad_scale, found_inf):
+        """{device: 0-d clip coefficient} from the global norm of every grad of every group
+        (divided by grad_scale); sets last_grad_norm. Kernel buckets also get their steps
+        incremented here (by the norm pass). No host sync."""
+        from .kernels import clip_coefficient
+
+        devices = {plan.key[0] for plan in plans}
+        kernel_plans = [plan for plan in plans if plan.tables is not None]
+        n_partials = sum(max(1, plan.tables.n_chunks) for plan in kernel_plans)
+        if len(devices) == 1 and len(kernel_plans) == len(plans) and not self._distributed_norm():
+            # the common case: one device, all buckets on the kernel path -> stage 2 in one program
+            device = next(iter(devices))
+            partials = torch.zeros(n_partials, dtype=torch.float32, device=device)
+            base = 0
+            for plan in kernel_plans:
+                self._grad_sq_partials(plan, partials[base:], grad_scale, found_inf)
+                base += max(1, plan.tables.n_chunks)
+            norm = torch.empty((), dtype=torch.float32, device=device)
+            coef = torch.empty((), dtype=torch.float32, device=device)
+            clip_coefficient(partials, n_partials, self.max_grad_norm, norm, coef)
+            self.last_grad_norm = norm
+            return {device: coef}
+        # general case: squared sums per bucket, combined with torch ops (and across ranks)
+        first = plans[0].key[0]
+        sq_sums = []
+        for plan in plans:
+            if plan.tables is not None:
+                partials = torch.zeros(max(1, plan.tables.n_chunks), dtype=torch.float32, device=plan.key[0])
+                self._grad_sq_partials(plan, partials, grad_scale, found_inf)
+                sq_sums.append(partials.sum().to(first))
+            else:
+                sq_sums.append(_grad_sq_sum(plan.entries, grad_scale).to(first))
+        total = self._reduce_sq_norm(torch.stack(sq_sums).sum())
+        norm = total.sqrt()
+        coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+        self.last_grad_norm = norm
+        return {d: coef.to(d) for d in devices}
+
+    def _grad_sq_partials(self, plan, partials, grad_scale, found_inf):
+        from .kernels import grad_sq_partials
+
+        t = plan.tables
+        grad_sq_partials(
+            t.table, t.chunks, t.n_chunks, len(t.rows), partials, grad_dtype=_tl_dtype(plan.key[2]),
+            aligned=t.aligned, config=plan.config, grad_scale=grad_scale, found_inf=found_inf,
+        )
+        plan.steps_done = True
+
+    def _distributed_norm(self):
+        """Whether the grad norm must be reduced across processes (sharded params)."""
+        return False
+
+    def _reduce_sq_norm(self, sq_sum):
+        """The global squared norm from this process's part (identity without sharding)."""
+        return sq_sum
+
+    def _kernel_bucket(self, plan, grad_scale, found_inf, clip):
         from .kernels import increment_steps
 
-        device = key[0]
-        rows = []
-        for e in entries:
-            slots = [0 if s is None else s.data_ptr() for s in e.states]
-            slots += [0] * (4 - len(slots))
-            rows.append((e.param.numel(), e.step.data_ptr(), e.param.data_ptr(), e.grad.data_ptr(), *slots))
-        dtypes = tuple(_tl_dtype(d) for d in key[1:])
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr = lr if lr.device == device else float(lr)
-        numels = [r[0] for r in rows]
-        tune_key = (self.kernel_name, str(device), key[1:], self._flags(group), tuning.size_class(numels))
-        config = tuning.config_for(
-            tune_key, lambda c: self._bench_scratch(group, key, numels, len(entries[0].states), c, lr)
-        )
-        tables = self._bucket_tables.setdefault((gi, key), BucketTables()).update(rows, device, config["CHUNK"])
-        increment_steps(tables.table, len(rows), found_inf)
-        if tables.n_chunks:
-            self._launch(group, tables, dtypes, config, lr, grad_scale, found_inf)
+        if not plan.steps_done:
+            increment_steps(plan.tables.table, len(plan.entries), found_inf)
+        if plan.tables.n_chunks:
+            dtypes = tuple(_tl_dtype(d) for d in plan.key[1:])
+            clip_coef = None if clip is None else clip[plan.key[0]]
+            self._launch(plan.group, plan.tables, dtypes, plan.config, plan.lr, grad_scale, found_inf, clip_coef)
 
     def _flags(self, group):
         """Group options that select a kernel variant (part of the tuning key)."""
@@ -209,18 +304,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         import triton.testing
 
         return triton.testing.do_bench(
-            lambda: self._launch(group, tables, dtypes, config, lr, None, None), warmup=5, rep=20
+            lambda: self._launch(group, tables, dtypes, config, lr, None, None, None), warmup=5, rep=20
         )
 
-    def _reference_bucket(self, group, entries, grad_scale, found_inf):
+    def _reference_bucket(self, plan, grad_scale, found_inf, clip):
+        """The plain-PyTorch path (CPU without the interpreter, float64): the reference math
+        in fp32 (fp64 for fp64 params). Reads found_inf on the host."""
         if found_inf is not None and float(found_inf) != 0:
             return
+        entries = plan.entries
         params = [e.param for e in entries]
         compute = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-        lists = [params, [e.grad for e in entries]]
+        grads = [e.grad for e in entries]
+        if clip is not None:
+            coef = clip[plan.key[0]]
+            grads = [g.to(compute) / (1.0 if grad_scale is None else grad_scale) * coef for g in grads]
+            grad_scale = None
+        lists = [params, grads]
         lists += [[e.states[k] for e in entries] for k in range(len(entries[0].states))]
         lists = [None if all(t is None for t in lst) else lst for lst in lists]
-        self._reference(group, lists, [e.step for e in entries], grad_scale, compute)
+        self._reference(plan.group, lists, [e.step for e in entries], grad_scale, compute)
 
     # -- checkpoints ----------------------------------------------------------------------
     def load_state_dict(self, state_dict):

@@ -11,15 +11,17 @@ class Adam(FusedOptimizer):
     """torch.optim.Adam's signature, defaults, errors, math and state keys
     (`step`, `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq`), computed in fp32 by Triton kernels.
 
-    decoupled_weight_decay=True gives AdamW. foreach is accepted and ignored; fused=False
-    and differentiable=True are refused."""
+    decoupled_weight_decay=True gives AdamW. max_grad_norm clips the global grad norm of
+    all groups first (as clip_grad_norm_), fused into the step; last_grad_norm then holds
+    the pre-clip norm. foreach is accepted and ignored; fused=False and differentiable=True
+    are refused."""
 
     kernel_name = "adam"
 
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
         foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-        decoupled_weight_decay=False,
+        decoupled_weight_decay=False, max_grad_norm=None,
     ):
         check_lr(lr)
         check_hyper("epsilon", eps)
@@ -34,7 +36,7 @@ class Adam(FusedOptimizer):
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, max_grad_norm)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -70,7 +72,7 @@ class Adam(FusedOptimizer):
             return WD_NONE
         return WD_DECOUPLED if group["decoupled_weight_decay"] else WD_L2
 
-    def _launch(self, group, tables, dtypes, config, lr, grad_scale, found_inf):
+    def _launch(self, group, tables, dtypes, config, lr, grad_scale, found_inf, clip_coef):
         from .kernels import adam_update
 
         beta1, beta2 = (float(b) for b in group["betas"])
@@ -80,6 +82,7 @@ class Adam(FusedOptimizer):
             amsgrad=group["amsgrad"], maximize=group["maximize"], wd_mode=self._wd_mode(group),
             param_dtype=dtypes[0], grad_dtype=dtypes[1], state_dtype=dtypes[2],
             aligned=tables.aligned, config=config, grad_scale=grad_scale, found_inf=found_inf,
+            clip_coef=clip_coef,
         )
 
     def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):
@@ -99,11 +102,12 @@ class AdamW(Adam):
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
         maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+        max_grad_norm=None,
     ):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True,
+            decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
         )
 
     def __setstate__(self, state):

@@ -10,14 +10,15 @@ from ._base import FusedOptimizer, check_hyper, check_lr, check_torch_flags
 class RMSprop(FusedOptimizer):
     """torch.optim.RMSprop's signature, defaults, errors, math and state keys
     (`step`, `square_avg`, `momentum_buffer` if momentum > 0, `grad_avg` if centered),
-    computed in fp32 by Triton kernels. foreach is accepted and ignored;
-    differentiable=True is refused."""
+    computed in fp32 by Triton kernels. max_grad_norm clips the global grad norm first, as
+    in Adam. foreach is accepted and ignored; differentiable=True is refused."""
 
     kernel_name = "rmsprop"
 
     def __init__(
         self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-        capturable=False, foreach=None, maximize=False, differentiable=False,
+        capturable=False, foreach=None, maximize=False, differentiable=False, *,
+        max_grad_norm=None,
     ):
         check_lr(lr)
         check_hyper("epsilon", eps)
@@ -30,7 +31,7 @@ class RMSprop(FusedOptimizer):
             weight_decay=weight_decay, capturable=capturable, foreach=foreach,
             maximize=maximize, differentiable=differentiable,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, max_grad_norm)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -61,7 +62,7 @@ class RMSprop(FusedOptimizer):
     def _flags(self, group):
         return (group["centered"], group["momentum"] > 0, group["maximize"], group["weight_decay"] != 0)
 
-    def _launch(self, group, tables, dtypes, config, lr, grad_scale, found_inf):
+    def _launch(self, group, tables, dtypes, config, lr, grad_scale, found_inf, clip_coef):
         from .kernels import rmsprop_update
 
         rmsprop_update(
@@ -70,6 +71,7 @@ class RMSprop(FusedOptimizer):
             momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
             param_dtype=dtypes[0], grad_dtype=dtypes[1], state_dtype=dtypes[2],
             aligned=tables.aligned, config=config, grad_scale=grad_scale, found_inf=found_inf,
+            clip_coef=clip_coef,
         )
 
     def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):

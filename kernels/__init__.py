@@ -7,6 +7,10 @@ distribution's top-level `kernels` module. One file per algorithm; shared pieces
 
 from ._common import increment_steps
 from .adam import WD_DECOUPLED, WD_L2, WD_NONE, adam_update
+from .norm import clip_coefficient, grad_sq_partials
 from .rmsprop import rmsprop_update
 
-__all__ = ["increment_steps", "adam_update", "rmsprop_update", "WD_NONE", "WD_L2", "WD_DECOUPLED"]
+__all__ = [
+    "clip_coefficient",
+    "grad_sq_partials",
+    "increment_steps", "adam_update", "rmsprop_update", "WD_NONE", "WD_L2", "WD_DECOUPLED"]

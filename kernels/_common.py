@@ -33,10 +33,11 @@ def program_chunk(chunks_ptr):
 
 
 @triton.jit
-def chunk_prologue(table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr):
-    """What every update program needs first: its table row, first element and the
-    tensor's numel; lr in fp64 (from lr_ptr when given); the divisor of the grads (AMP
-    scale, 1 without); and whether to run at all (False when GradScaler found an inf)."""
+def chunk_prologue(table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr):
+    """What every program needs first: its table row, first element and the tensor's
+    numel; lr in fp64 (from lr_ptr when given); the divisor of the grads (AMP scale, 1
+    without) and their clip coefficient (1 without); and whether to run at all (False when
+    GradScaler found an inf). Grads are used as grad / grad_div * clip, torch's order."""
     t, start = program_chunk(chunks_ptr)
     row = table_ptr + t * ROW
     numel = tl.load(row + NUMEL)
@@ -46,10 +47,13 @@ def chunk_prologue(table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_
     grad_div = 1.0
     if grad_scale_ptr is not None:
         grad_div = tl.load(grad_scale_ptr).to(tl.float32)
+    clip = 1.0
+    if clip_coef_ptr is not None:
+        clip = tl.load(clip_coef_ptr)
     run = True
     if found_inf_ptr is not None:
         run = tl.load(found_inf_ptr) == 0
-    return row, start, numel, lr64, grad_div, run
+    return row, start, numel, lr64, grad_div, clip, run
 
 
 @triton.jit
@@ -121,13 +125,8 @@ def lerp(start, end, weight):
 
 
 @triton.jit
-def _increment_steps_kernel(
-    table_ptr,  # int64 [n_tensors, ROW] tensor table; column STEP holds fp32 step pointers
-    n_tensors,  # rows in the table
-    found_inf_ptr,  # fp32 flag from GradScaler (None: no scaler); non-zero skips the increment
-    BLOCK: tl.constexpr,
-):
-    # one program walks the whole table: a bucket has at most a few thousand tensors
+def increment_steps_of(table_ptr, n_tensors, found_inf_ptr, BLOCK: tl.constexpr):
+    """step += 1 for every row of a tensor table (unless found_inf != 0); run by ONE program."""
     inc = 1.0
     if found_inf_ptr is not None:
         inc = tl.where(tl.load(found_inf_ptr) == 0, 1.0, 0.0)
@@ -137,6 +136,17 @@ def _increment_steps_kernel(
         step_ptrs = tl.load(table_ptr + rows.to(tl.int64) * ROW + STEP, mask=mask, other=0)
         step_ptrs = step_ptrs.to(tl.pointer_type(tl.float32))
         tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + inc, mask=mask)
+
+
+@triton.jit
+def _increment_steps_kernel(
+    table_ptr,  # int64 [n_tensors, ROW] tensor table; column STEP holds fp32 step pointers
+    n_tensors,  # rows in the table
+    found_inf_ptr,  # fp32 flag from GradScaler (None: no scaler); non-zero skips the increment
+    BLOCK: tl.constexpr,
+):
+    # one program walks the whole table: a bucket has at most a few thousand tensors
+    increment_steps_of(table_ptr, n_tensors, found_inf_ptr, BLOCK)
 
 
 def lr_args(lr):

@@ -1,7 +1,7 @@
 """Adam / AdamW / AMSGrad: one launch updates every tensor of a bucket.
 
 Math (torch.optim.Adam, computed in fp32; step already incremented):
-    g = -grad if maximize else grad;  g = g / grad_scale (AMP)
+    g = -grad if maximize else grad;  g = g / grad_scale (AMP) * clip_coef
     L2:        g = g + wd * p              decoupled: p = p * (1 - lr * wd)
     m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g;  vmax = max(vmax, v)
     p = p - lr / (1 - beta1^t) * m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps)
@@ -39,7 +39,7 @@ WD_NONE, WD_L2, WD_DECOUPLED = 0, 1, 2
 def _adam_chunk(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,  # typed pointers
     start, numel,  # first element of the chunk, elements in the tensor
-    grad_div, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+    grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
     MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -51,7 +51,7 @@ def _adam_chunk(
         else:
             mask = None
         # load and widen to fp32
-        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div
+        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div * clip
         p = load_f32(param_ptr, offs, mask, PARAM_DTYPE)
         m = load_f32(exp_avg_ptr, offs, mask, STATE_DTYPE)
         v = load_f32(exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
@@ -89,14 +89,15 @@ def _adam_kernel(
     log2_beta1_hi, log2_beta1_lo, log2_beta2_hi, log2_beta2_lo,  # log2(beta) as fp32 pairs
     grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
     found_inf_ptr,  # GradScaler's found_inf: non-zero leaves everything untouched; or None
+    clip_coef_ptr,  # fp32 0-d clip coefficient the grads are multiplied by, or None
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
     ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # which tensor, which part of it, and the shared per-step scalars
-    row, start, numel, lr64, grad_div, run = chunk_prologue(
-        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr
+    row, start, numel, lr64, grad_div, clip, run = chunk_prologue(
+        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr
     )
     param_ptr = field_ptr(row, PARAM, PARAM_DTYPE, ALIGNED)
     grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
@@ -121,7 +122,7 @@ def _adam_kernel(
         if ALIGNED and start + CHUNK <= numel:
             _adam_chunk(
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                start, numel, grad_div, step_size, bc2_sqrt, decay,
+                start, numel, grad_div, clip, step_size, bc2_sqrt, decay,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                 PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
                 False, CHUNK, BLOCK,
@@ -129,7 +130,7 @@ def _adam_kernel(
         else:
             _adam_chunk(
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                start, numel, grad_div, step_size, bc2_sqrt, decay,
+                start, numel, grad_div, clip, step_size, bc2_sqrt, decay,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                 PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
                 True, CHUNK, BLOCK,
@@ -145,7 +146,7 @@ def split_f64(x):
 def adam_update(
     table, chunks, n_chunks, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
     wd_mode, param_dtype, grad_dtype, state_dtype, aligned, config,
-    grad_scale=None, found_inf=None,
+    grad_scale=None, found_inf=None, clip_coef=None,
 ):
     """Launch the Adam update over every chunk of a bucket (one launch).
 
@@ -159,7 +160,7 @@ def adam_update(
         lr, lr_ptr,
         float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), float(weight_decay),
         l1[0], l1[1], l2[0], l2[1],
-        grad_scale, found_inf,
+        grad_scale, found_inf, clip_coef,
         PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), WD_MODE=wd_mode,
         ALIGNED=bool(aligned), CHUNK=config["CHUNK"], BLOCK=config["BLOCK"],

@@ -1,7 +1,7 @@
 """RMSprop (plain, centered, with momentum): one launch updates every tensor of a bucket.
 
 Math (torch.optim.RMSprop, computed in fp32; no bias correction):
-    g = -grad if maximize else grad;  g = g / grad_scale (AMP);  L2: g = g + wd * p
+    g = -grad if maximize else grad;  g = g / grad_scale (AMP) * clip_coef;  L2: g = g + wd * p
     v = alpha * v + (1 - alpha) * g * g
     centered: ga = lerp(ga, g, 1 - alpha);  avg = sqrt(v - ga * ga) + eps
     else:     avg = sqrt(v) + eps                          (eps added after the sqrt)
@@ -32,7 +32,7 @@ from ._common import (
 def _rmsprop_chunk(
     param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,  # typed pointers
     start, numel,  # first element of the chunk, elements in the tensor
-    grad_div, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+    grad_div, clip, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -44,7 +44,7 @@ def _rmsprop_chunk(
         else:
             mask = None
         # load and widen to fp32
-        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div
+        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div * clip
         p = load_f32(param_ptr, offs, mask, PARAM_DTYPE)
         v = load_f32(square_avg_ptr, offs, mask, STATE_DTYPE)
         if MAXIMIZE:
@@ -79,6 +79,7 @@ def _rmsprop_kernel(
     alpha, one_minus_alpha, eps, weight_decay, momentum,  # fp32 hyperparameters
     grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
     found_inf_ptr,  # GradScaler's found_inf: non-zero leaves everything untouched; or None
+    clip_coef_ptr,  # fp32 0-d clip coefficient the grads are multiplied by, or None
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
@@ -86,8 +87,8 @@ def _rmsprop_kernel(
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # which tensor, which part of it, and the shared per-step scalars
-    row, start, numel, lr64, grad_div, run = chunk_prologue(
-        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr
+    row, start, numel, lr64, grad_div, clip, run = chunk_prologue(
+        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr
     )
     param_ptr = field_ptr(row, PARAM, PARAM_DTYPE, ALIGNED)
     grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
@@ -107,14 +108,14 @@ def _rmsprop_kernel(
         if ALIGNED and start + CHUNK <= numel:
             _rmsprop_chunk(
                 param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
-                start, numel, grad_div, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                start, numel, grad_div, clip, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
                 PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
                 False, CHUNK, BLOCK,
             )
         else:
             _rmsprop_chunk(
                 param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
-                start, numel, grad_div, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                start, numel, grad_div, clip, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
                 PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
                 True, CHUNK, BLOCK,
             )
@@ -122,7 +123,8 @@ def _rmsprop_kernel(
 
 def rmsprop_update(
     table, chunks, n_chunks, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
-    param_dtype, grad_dtype, state_dtype, aligned, config, grad_scale=None, found_inf=None,
+    param_dtype, grad_dtype, state_dtype, aligned, config,
+    grad_scale=None, found_inf=None, clip_coef=None,
 ):
     """Launch the RMSprop update over every chunk of a bucket (one launch).
 
@@ -132,7 +134,7 @@ def rmsprop_update(
     _rmsprop_kernel[(n_chunks,)](
         table, chunks, lr, lr_ptr,
         float(alpha), float(1.0 - alpha), float(eps), float(weight_decay), float(momentum),
-        grad_scale, found_inf,
+        grad_scale, found_inf, clip_coef,
         PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
         CENTERED=bool(centered), MOMENTUM=momentum > 0, MAXIMIZE=bool(maximize),
         WEIGHT_DECAY=weight_decay != 0,

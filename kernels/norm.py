@@ -1,0 +1,92 @@
+"""Global gradient norm for clipping, deterministic and without float atomics.
+
+Stage 1 (one launch per bucket): program c writes sum((grad / grad_scale)^2) over its chunk
+to partials[base + c]; program 0 also increments the bucket's steps (the norm pass never
+reads them, so this is race-free, and it saves the separate step launch).
+Stage 2 (one program): sums all partials in a fixed order, then writes
+norm = sqrt(sum) and coef = min(1, max_norm / (norm + 1e-6)), as clip_grad_norm_.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import GRAD, chunk_prologue, field_ptr, increment_steps_of, load_f32
+
+
+@triton.jit
+def _sq_sum_chunk(grad_ptr, start, numel, grad_div, GRAD_DTYPE: tl.constexpr,
+                  MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        if MASKED:
+            mask = offs < numel
+        else:
+            mask = None
+        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div
+        acc += g * g
+    return tl.sum(acc)
+
+
+@triton.jit
+def _grad_sq_partials_kernel(
+    table_ptr,  # int64 [n_tensors, ROW] tensor table of the bucket
+    chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
+    partials_ptr,  # fp32 output, one value per chunk (already offset to this bucket's base)
+    n_chunks, n_tensors,  # chunks and rows of the bucket (the grid has at least one program)
+    grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
+    found_inf_ptr,  # GradScaler's found_inf: non-zero leaves the steps as they are; or None
+    GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    c = tl.program_id(0)
+    if c == 0:
+        increment_steps_of(table_ptr, n_tensors, found_inf_ptr, 256)
+    if c < n_chunks:
+        row, start, numel, lr64, grad_div, clip, run = chunk_prologue(
+            table_ptr, chunks_ptr, 0.0, None, grad_scale_ptr, None, None
+        )
+        grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
+        if ALIGNED:
+            start = tl.multiple_of(start, CHUNK)
+        if ALIGNED and start + CHUNK <= numel:
+            total = _sq_sum_chunk(grad_ptr, start, numel, grad_div, GRAD_DTYPE, False, CHUNK, BLOCK)
+        else:
+            total = _sq_sum_chunk(grad_ptr, start, numel, grad_div, GRAD_DTYPE, True, CHUNK, BLOCK)
+        tl.store(partials_ptr + c, total)
+
+
+@triton.jit
+def _clip_coef_kernel(
+    partials_ptr,  # fp32 [n_partials] squared sums of every bucket
+    n_partials,
+    norm_ptr,  # fp32 0-d output: the total norm (before clipping)
+    coef_ptr,  # fp32 0-d output: min(1, max_norm / (norm + 1e-6))
+    max_norm,  # fp32
+    BLOCK: tl.constexpr,
+):
+    # fixed-order reduction: the same inputs give the same bits
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for first in range(0, n_partials, BLOCK):
+        offs = first + tl.arange(0, BLOCK)
+        acc += tl.load(partials_ptr + offs, mask=offs < n_partials, other=0.0)
+    norm = tl.sqrt(tl.sum(acc))
+    tl.store(norm_ptr, norm)
+    coef = tl.minimum(max_norm / (norm + 1e-6), 1.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(coef_ptr, coef)
+
+
+def grad_sq_partials(table, chunks, n_chunks, n_tensors, partials, *, grad_dtype, aligned,
+                     config, grad_scale=None, found_inf=None):
+    """Stage 1 for one bucket: partials[c] = sum over chunk c of (grad / grad_scale)^2,
+    and the bucket's steps incremented (unless found_inf). One launch."""
+    _grad_sq_partials_kernel[(max(1, n_chunks),)](
+        table, chunks, partials, n_chunks, n_tensors, grad_scale, found_inf,
+        GRAD_DTYPE=grad_dtype, ALIGNED=bool(aligned), CHUNK=config["CHUNK"],
+        BLOCK=config["BLOCK"], num_warps=config["num_warps"],
+    )
+
+
+def clip_coefficient(partials, n_partials, max_norm, norm, coef):
+    """Stage 2: norm = sqrt(sum(partials)), coef = min(1, max_norm / (norm + 1e-6)). One launch."""
+    _clip_coef_kernel[(1,)](partials, n_partials, norm, coef, float(max_norm), BLOCK=1024)
