@@ -1,0 +1,346 @@
+"""The `adam-triton` command: `check` (our optimizers against torch.optim and an fp64
+reference), `demo` (a small model trained with ours and with torch.optim.Adam side by
+side), and `bench` / `tune` where adam_triton.bench provides them.
+
+On a machine without CUDA, `check` and `demo` switch Triton's interpreter on
+(TRITON_INTERPRET=1, unless the variable is already set) so the kernels themselves run on
+CPU tensors; with TRITON_INTERPRET=0 they take the plain-PyTorch path instead. Both say
+which path ran.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch  # does not import triton
+
+# Tensor shapes of `check`: odd sizes, so every kernel sees partial blocks and chunks
+# (4097 spans two chunks of 4096), plus one 2-D tensor.
+CHECK_SHAPES = [(1,), (17,), (1025,), (4097,), (33, 65)]
+# Tolerances, each times max(1, max |ref64|) of the tensor kind (params, each state buffer).
+# fp32: |ours - torch| and |ours - ref64| after a few steps from params ~ N(0, 1) are a few
+# fp32 ulps (~1e-7 .. 1e-6 seen); 1e-5 leaves room without hiding a wrong formula.
+FP32_ATOL = 1e-5
+# bf16: no worse than twice torch's own error against the fp64 reference, plus this.
+BF16_ATOL = 1e-6
+# The perturbation --inject-error adds to one element of our first fp32 result.
+INJECTED_ERROR = 1e-3
+
+_PLAIN_PATH = (
+    "plain-PyTorch path on CPU (set TRITON_INTERPRET=1 to run the Triton kernels through the interpreter)"
+)
+
+
+# -- which path runs ------------------------------------------------------------------------
+def _enable_interpreter_without_cuda():
+    """Set TRITON_INTERPRET=1 when no CUDA device is available and the user left it unset.
+
+    Triton picks interpreter or compiler when a kernel is decorated, so this has to run
+    before adam_triton.kernels is imported. Returns True when it set the variable."""
+    if "TRITON_INTERPRET" in os.environ:
+        return False
+    if torch.cuda.is_available():
+        return False
+    if "adam_triton.kernels" in sys.modules:
+        print(
+            "warning: adam_triton.kernels was imported before TRITON_INTERPRET could be set; "
+            "set TRITON_INTERPRET=1 yourself",
+            file=sys.stderr,
+        )
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
+def describe_path(device):
+    """One line saying what executes an fp32 step on device: the CUDA kernels, the Triton
+    interpreter, or the plain-PyTorch path."""
+    from . import tuning
+
+    device = torch.device(device)
+    interpreted = tuning.interpreter_on()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return f"Triton interpreter on CUDA tensors of {name}" if interpreted else f"CUDA kernels on {name}"
+    if device.type == "cpu" and interpreted:
+        return "Triton interpreter on CPU"
+    if device.type == "cpu":
+        return _PLAIN_PATH
+    return f"plain-PyTorch path on {device.type}"
+
+
+def resolve_device(name):
+    """torch.device for --device (default: cuda if available, else cpu); SystemExit with a
+    message for a CUDA device this machine does not have."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"adam-triton: --device {name}: no CUDA device is available")
+    return device
+
+
+# -- check ----------------------------------------------------------------------------------
+def check_cases():
+    """(name, optimizer class name, constructor kwargs) of every case `check` runs; the
+    RMSprop cases only where adam_triton.RMSprop exists."""
+    import adam_triton
+
+    cases = [
+        ("Adam", "Adam", dict(lr=1e-2)),
+        ("Adam wd=0.1 maximize", "Adam", dict(lr=1e-2, weight_decay=0.1, maximize=True)),
+        ("AdamW wd=0.1", "AdamW", dict(lr=1e-2, weight_decay=0.1)),
+        ("Adam amsgrad", "Adam", dict(lr=1e-2, amsgrad=True)),
+    ]
+    if getattr(adam_triton, "RMSprop", None) is not None:
+        cases += [
+            ("RMSprop", "RMSprop", dict(lr=1e-2)),
+            ("RMSprop centered momentum wd", "RMSprop",
+             dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=0.1)),
+        ]
+    return cases
+
+
+def _tensors_by_kind(params, opt):
+    """{"param": params, "step": steps, <state key>: buffers} of an optimizer after its steps."""
+    kinds = {"param": list(params)}
+    for p in params:
+        for key, value in opt.state[p].items():
+            kinds.setdefault(key, []).append(value)
+    return kinds
+
+
+def reference_run(cls_name, group, init64, grads64):
+    """The algorithm of torch.optim.<cls_name> run by adam_triton.reference in float64 from
+    init64 over the steps' grads64; returns tensors by kind, as _tensors_by_kind."""
+    from . import reference
+
+    beta1, beta2 = (float(b) for b in group.get("betas", (0.0, 0.0)))
+    if cls_name in ("Adam", "AdamW"):
+        step_fn = reference.adam_step
+        slots = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                     maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"])
+    elif cls_name == "RMSprop":
+        step_fn = reference.rmsprop_step
+        slots = ["square_avg", "momentum_buffer" if group["momentum"] > 0 else None,
+                 "grad_avg" if group["centered"] else None]
+        hyper = dict(lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                     weight_decay=group["weight_decay"], momentum=group["momentum"],
+                     centered=group["centered"], maximize=group["maximize"])
+    else:
+        raise ValueError(f"no reference for {cls_name}")
+    params = [t.clone() for t in init64]
+    steps = [t.new_zeros(()) for t in init64]
+    states = {key: [torch.zeros_like(t) for t in init64] for key in slots if key is not None}
+    for grads in grads64:
+        step_fn(params, grads, *[states.get(key) for key in slots], steps, **hyper)
+    return {"param": params, "step": steps, **states}
+
+
+def _max_abs_diff(a_tensors, b_tensors):
+    """max |a - b| over pairs of tensors, in float64 on the CPU; inf where either has a NaN."""
+    out = 0.0
+    for a, b in zip(a_tensors, b_tensors, strict=True):
+        d = (a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item()
+        out = math.inf if math.isnan(d) else max(out, d)
+    return out
+
+
+def compare(ours, theirs, ref, low_precision):
+    """Errors of one tensor kind and the verdict: dict(ours_torch, ours_ref, torch_ref,
+    bound, ok). Tolerances scale with the kind's magnitude, max(1, max |ref|).
+
+    fp32: both max|ours - torch| and max|ours - ref| <= FP32_ATOL * scale.
+    bf16: max|ours - ref| <= 2 max|torch - ref| + BF16_ATOL * scale."""
+    scale = max([1.0] + [t.detach().abs().max().item() for t in ref])
+    out = dict(ours_torch=_max_abs_diff(ours, theirs), ours_ref=_max_abs_diff(ours, ref),
+               torch_ref=_max_abs_diff(theirs, ref))
+    if low_precision:
+        out["bound"] = 2 * out["torch_ref"] + BF16_ATOL * scale
+        out["ok"] = out["ours_ref"] <= out["bound"]
+    else:
+        out["bound"] = FP32_ATOL * scale
+        out["ok"] = out["ours_torch"] <= out["bound"] and out["ours_ref"] <= out["bound"]
+    return out
+
+
+def run_check_case(name, cls_name, kwargs, dtype, device, steps, inject_error=False):
+    """One row of `check`: adam_triton.<cls_name> and torch.optim.<cls_name>(foreach=False)
+    in dtype on device, and adam_triton.reference in float64 from the same (rounded) initial
+    values and grads, for `steps` steps on tensors of CHECK_SHAPES.
+
+    Returns the params' compare() dict plus case, dtype, and failed: the kinds (param,
+    step, each state buffer) that failed their criterion."""
+    import adam_triton
+
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen).to(dtype) for s in CHECK_SHAPES]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in CHECK_SHAPES] for _ in range(steps)]
+
+    def run(cls, **extra):
+        params = [torch.nn.Parameter(t.to(device).clone()) for t in init]
+        opt = cls(params, **kwargs, **extra)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(device).clone()
+            opt.step()
+        return opt, _tensors_by_kind(params, opt)
+
+    ours_opt, ours = run(getattr(adam_triton, cls_name))
+    if inject_error:
+        with torch.no_grad():
+            ours["param"][0].view(-1)[0] += INJECTED_ERROR
+    _, theirs = run(getattr(torch.optim, cls_name), foreach=False)
+    ref = reference_run(cls_name, ours_opt.param_groups[0], [t.double() for t in init],
+                        [[g.double() for g in step_grads] for step_grads in grads])
+
+    if not set(ours) == set(theirs) == set(ref):
+        failed = ["state keys differ: " + " / ".join(str(sorted(k)) for k in (ours, theirs, ref))]
+        kinds = {}
+    else:
+        kinds = {k: compare(ours[k], theirs[k], ref[k], dtype != torch.float32) for k in ours}
+        failed = [k for k, v in kinds.items() if not v["ok"]]
+    row = dict(kinds.get("param", dict(ours_torch=math.nan, ours_ref=math.nan, torch_ref=math.nan,
+                                       bound=math.nan)))
+    row.update(case=name, dtype=DTYPE_NAMES[dtype], failed=failed)
+    return row
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+ROW_FORMAT = "{case:<30} {dtype:<5} {ours_torch:>15} {ours_ref:>15} {torch_ref:>16} {bound:>11}  {result}"
+
+
+def cmd_check(args):
+    """Print one row per (case, dtype) and return 1 if any row fails."""
+    device = resolve_device(args.device)
+    print(f"path: {describe_path(device)}")
+    print(f"steps: {args.steps}; tensor shapes: {', '.join(str(s) for s in CHECK_SHAPES)}")
+    print("columns: the params' errors; a row passes when params, step and every state buffer pass")
+    print(f"fp32: PASS if max|ours-torch| and max|ours-ref64| <= bound = {FP32_ATOL:g} * max(1, max|ref64|)")
+    print(f"bf16: PASS if max|ours-ref64| <= bound = 2*max|torch-ref64| + {BF16_ATOL:g} * max(1, max|ref64|)")
+    if args.inject_error:
+        print(f"--inject-error: adding {INJECTED_ERROR:g} to one param element of the first case "
+              "(a self-test of the checker: that row must FAIL)")
+    print()
+    print(ROW_FORMAT.format(case="case", dtype="dtype", ours_torch="max|ours-torch|",
+                            ours_ref="max|ours-ref64|", torch_ref="max|torch-ref64|",
+                            bound="bound", result="result"))
+    failures = 0
+    start = time.perf_counter()
+    for i, (name, cls_name, kwargs) in enumerate(check_cases()):
+        for dtype in (torch.float32, torch.bfloat16):
+            try:
+                row = run_check_case(name, cls_name, kwargs, dtype, device, args.steps,
+                                     inject_error=args.inject_error and i == 0 and dtype == torch.float32)
+            except Exception as exc:  # a crash is a failing case; the others still run
+                traceback.print_exc()
+                row = dict(case=name, dtype=DTYPE_NAMES[dtype], ours_torch=math.nan, ours_ref=math.nan,
+                           torch_ref=math.nan, bound=math.nan, failed=[f"{type(exc).__name__}: {exc}"])
+            failures += bool(row["failed"])
+            result = f"FAIL ({', '.join(row['failed'])})" if row["failed"] else "PASS"
+            print(ROW_FORMAT.format(
+                case=row["case"], dtype=row["dtype"], ours_torch=f"{row['ours_torch']:.3e}",
+                ours_ref=f"{row['ours_ref']:.3e}", torch_ref=f"{row['torch_ref']:.3e}",
+                bound=f"{row['bound']:.3e}", result=result,
+            ), flush=True)
+    print()
+    print(f"{'FAIL' if failures else 'PASS'}: {failures} failing case(s) "
+          f"({time.perf_counter() - start:.1f} s)")
+    return 1 if failures else 0
+
+
+# -- demo -----------------------------------------------------------------------------------
+def cmd_demo(args):
+    """Train the demo model with both optimizers and print the two loss curves."""
+    from .demo import train_pair
+
+    device = resolve_device(args.device)
+    print(f"path: {describe_path(device)}")
+    result = train_pair(steps=args.steps, lr=args.lr, device=device)
+    print(f"MLP {result['shape']} on a synthetic regression task, {args.steps} steps, lr={args.lr:g}, seed 0")
+    print(f"{'step':>5} {'loss adam_triton.Adam':>22} {'loss torch.optim.Adam':>22} {'|difference|':>13}")
+    for step, (a, b) in enumerate(zip(result["ours"], result["torch"]), start=1):
+        if step == 1 or step % 5 == 0 or step == args.steps:
+            print(f"{step:>5} {a:>22.6f} {b:>22.6f} {abs(a - b):>13.3e}")
+    print(f"max |param difference| after {args.steps} steps: {result['max_param_diff']:.3e}")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def build_parser():
+    """The argparse parser; bench/tune come from adam_triton.bench.register where present."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="adam-triton",
+        description="Multi-tensor fused optimizer steps (Adam, AdamW, RMSprop) in Triton: correctness check, demo and benchmarks.",
+    )
+    parser.add_argument("--version", action="version", version=f"adam-triton {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = sub.add_parser(
+        "check", help="compare our optimizers with torch.optim and an fp64 reference",
+        description="Run every optimizer for a few steps on tensors of odd sizes, in fp32 and bf16, "
+                    "against torch.optim (foreach=False) and adam_triton.reference in float64. "
+                    "Exit status 1 if any case fails.",
+    )
+    check.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    check.add_argument("--steps", type=_positive_int, default=5, help="optimizer steps per case (default 5)")
+    check.add_argument(
+        "--inject-error", action="store_true",
+        help=f"self-test of the checker: add {INJECTED_ERROR:g} to one element of the first case's "
+             "result, which must then FAIL (exit status 1)",
+    )
+    check.set_defaults(func=cmd_check)
+
+    demo = sub.add_parser(
+        "demo", help="train a small MLP with adam_triton.Adam and torch.optim.Adam side by side",
+        description="Train the same seeded MLP on the same synthetic data with adam_triton.Adam and "
+                    "torch.optim.Adam; print both loss curves and the largest param difference.",
+    )
+    demo.add_argument("--steps", type=_positive_int, default=50, help="training steps (default 50)")
+    demo.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 1e-2)")
+    demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from . import bench
+    except ImportError:
+        bench = None
+    if hasattr(bench, "register"):
+        bench.register(sub)
+    return parser
+
+
+def _command(argv):
+    """The subcommand named in argv (the first word not starting with '-'), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def main(argv=None):
+    """Entry point of the `adam-triton` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _command(argv) in ("check", "demo"):
+        _enable_interpreter_without_cuda()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    status = func(args)
+    return 0 if status is None else int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
