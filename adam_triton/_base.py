@@ -13,6 +13,8 @@ from . import tuning
 from ._tables import BucketTables
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+MASTER_KEY = "master_param"  # state key of the fp32 master copy (master_weights=True)
 
 
 def _real(t):
@@ -78,14 +80,28 @@ class _Entry:
 
 
 class _Plan:
-    """One bucket's work for this step: its tensors and, on the kernel path, its tables."""
+    """One bucket's work for this step: its tensors and, on the kernel path, its tables,
+    triton dtypes (param, grad, state), launch config and lr."""
 
-    __slots__ = ("group", "key", "entries", "tables", "config", "lr", "steps_done")
+    __slots__ = ("group", "key", "entries", "tables", "dtypes", "config", "lr", "master",
+                 "stochastic", "steps_done")
 
     def __init__(self, group, key, entries):
         self.group, self.key, self.entries = group, key, entries
-        self.tables = self.config = self.lr = None
-        self.steps_done = False
+        self.tables = self.dtypes = self.config = self.lr = None
+        self.master = self.stochastic = self.steps_done = False
+
+
+def _stochastic_bf16(x, seed, step, index):
+    """x (fp32) rounded to bf16 stochastically with torch's RNG (the PyTorch path; the
+    kernels draw from Philox, so the two paths' random bits differ)."""
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed + int(step) * 1000003 + index * 7919)
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=gen, device=x.device, dtype=torch.int32)
+    rounded = ((bits + noise) >> 16).to(torch.int16)
+    out = rounded.view(torch.bfloat16)
+    return torch.where(torch.isnan(x), x.to(torch.bfloat16), out)
 
 
 def _grad_sq_sum(entries, grad_scale):
@@ -101,29 +117,44 @@ def _grad_sq_sum(entries, grad_scale):
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses set `kernel_name`, `state_keys(group)`, `_init_state`,
-    `_launch` and `_reference`."""
+    """Base class: subclasses set `kernel_name`, `state_keys(group)`, `_launch` and
+    `_reference`.
+
+    Options shared by every optimizer (optimizer-wide, not per group):
+      max_grad_norm: clip the global grad norm of all groups first (as clip_grad_norm_).
+      state_dtype: dtype of the state buffers (None: the param's dtype, as torch).
+      master_weights: keep an fp32 copy of each bf16/fp16 param (state key master_param);
+        the kernel updates it and writes the param rounded to nearest even.
+      stochastic_rounding: round bf16 params (without master weights) stochastically;
+        `seed` makes runs reproducible."""
 
     _step_supports_amp_scaling = True  # GradScaler hands us grad_scale / found_inf
     kernel_name = None
 
-    def __init__(self, params, defaults, max_grad_norm=None):
+    def __init__(self, params, defaults, max_grad_norm=None, state_dtype=None,
+                 master_weights=False, stochastic_rounding=False, seed=0):
         if max_grad_norm is not None and not 0.0 <= max_grad_norm:
             raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+        if state_dtype is not None and state_dtype not in (*KERNEL_DTYPES, torch.float64):
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (use float32, bfloat16, float16 or float64)")
+        if master_weights and stochastic_rounding:
+            raise ValueError("master_weights and stochastic_rounding are alternatives: choose one")
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
+        self.state_dtype = state_dtype
+        self.master_weights = bool(master_weights)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.seed = int(seed)
         self.last_grad_norm = None  # 0-d tensor: total grad norm before clipping, last step
         self._bucket_tables = {}
 
     # -- what a subclass provides -------------------------------------------------------
     def state_keys(self, group):
-        """Names of the state buffers, in the kernel's slot order."""
+        """Names of the state buffers in the kernel's slot order (None: slot unused)."""
         raise NotImplementedError
 
-    def _init_state(self, param, state, group):
-        raise NotImplementedError
-
-    def _launch(self, group, tables, dtypes, config, lr, grad_scale, found_inf, clip_coef):
+    def _launch(self, plan, tables, grad_scale=None, found_inf=None, clip_coef=None):
+        """Launch the update kernel for a bucket (plan carries group, dtypes, config, lr, modes)."""
         raise NotImplementedError
 
     def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):
@@ -168,24 +199,57 @@ class FusedOptimizer(torch.optim.Optimizer):
                 e.finish()
         return loss
 
+    # -- state --------------------------------------------------------------------------
+    def _slot_keys(self, group):
+        """State keys of the four kernel slots: the algorithm's three, then the master."""
+        keys = list(self.state_keys(group))
+        return keys + [None] * (3 - len(keys)) + [MASTER_KEY if self.master_weights else None]
+
+    def _state_dtype_for(self, param):
+        if self.state_dtype is None or not param.is_floating_point():
+            return param.dtype
+        return self.state_dtype
+
+    def _init_state(self, param, state, group):
+        """torch's lazy state: a 0-d float32 step (on the param's device: the kernels read
+        it there) and zeroed buffers; plus the fp32 master copy where asked for."""
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        dtype = self._state_dtype_for(param)
+        for key in self.state_keys(group):
+            if key is not None:
+                state[key] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        if self.master_weights and param.dtype in LOW_PRECISION:
+            state[MASTER_KEY] = param.detach().to(torch.float32, copy=True)
+
+    def state_bytes_per_param(self):
+        """Bytes of optimizer state (buffers, masters and steps) per param element held."""
+        n = sum(p.numel() for p in self.state)
+        held = sum(t.numel() * t.element_size() for st in self.state.values()
+                   for t in st.values() if isinstance(t, torch.Tensor))
+        return held / max(1, n)
+
+    # -- buckets --------------------------------------------------------------------------
     def _plan_group(self, gi, group, params):
         """Group a param group's tensors into buckets and prepare each bucket's launch."""
-        keys = self.state_keys(group)
+        keys = self._slot_keys(group)
         buckets = {}
         for p in params:
             state = self.state[p]
             if len(state) == 0:
                 self._init_state(p, state, group)
-            states = [state.get(k) for k in keys]
-            ref = next((s for s in states if s is not None), p)
-            key = (p.device, _real(p).dtype, _real(p.grad).dtype, _real(ref).dtype)
+            states = [None if k is None else state.get(k) for k in keys]
+            ref = next((s for s in states[:3] if s is not None), p)
+            key = (p.device, _real(p).dtype, _real(p.grad).dtype, _real(ref).dtype, states[3] is not None)
             buckets.setdefault(key, []).append(_Entry(p, p.grad, states, state["step"]))
         return [self._plan_bucket(gi, group, key, entries) for key, entries in buckets.items()]
 
     def _plan_bucket(self, gi, group, key, entries):
         plan = _Plan(group, key, entries)
-        if not self._uses_kernel(key[0], key[1:]):
+        plan.master = key[4]
+        plan.stochastic = self.stochastic_rounding and key[1] == torch.bfloat16 and not plan.master
+        if not self._uses_kernel(key[0], key[1:4]):
             return plan
+        plan.dtypes = tuple(_tl_dtype(d) for d in key[1:4])
         rows = []
         for e in entries:
             slots = [0 if s is None else s.data_ptr() for s in e.states]
@@ -197,9 +261,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             lr = lr if lr.device == key[0] else float(lr)
         plan.lr = lr
         tune_key = (self.kernel_name, str(key[0]), key[1:], self._flags(group), tuning.size_class(numels))
-        plan.config = tuning.config_for(
-            tune_key, lambda c: self._bench_scratch(group, key, numels, len(entries[0].states), c, lr)
-        )
+        plan.config = tuning.config_for(tune_key, lambda c: self._bench_scratch(plan, numels, c))
         tables = self._bucket_tables.setdefault((gi, key), BucketTables())
         plan.tables = tables.update(rows, key[0], plan.config["CHUNK"])
         return plan
@@ -274,18 +336,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not plan.steps_done:
             increment_steps(plan.tables.table, len(plan.entries), found_inf)
         if plan.tables.n_chunks:
-            dtypes = tuple(_tl_dtype(d) for d in plan.key[1:])
             clip_coef = None if clip is None else clip[plan.key[0]]
-            self._launch(plan.group, plan.tables, dtypes, plan.config, plan.lr, grad_scale, found_inf, clip_coef)
+            self._launch(plan, plan.tables, grad_scale, found_inf, clip_coef)
 
     def _flags(self, group):
         """Group options that select a kernel variant (part of the tuning key)."""
         return ()
 
-    def _bench_scratch(self, group, key, numels, n_states, config, lr):
-        """Milliseconds of one launch with config on random scratch tensors shaped like the bucket."""
-        device, p_dtype, g_dtype, s_dtype = key
-        sizes = tuning.scratch_numels(numels)
+    def _bench_scratch(self, plan, numels, config):
+        """Milliseconds of one launch with config on random scratch tensors shaped like the
+        bucket (never the user's tensors: tuning cannot apply an update twice)."""
+        device, p_dtype, g_dtype, s_dtype, _ = plan.key
         keep = []
 
         def rand(n, dtype):
@@ -294,18 +355,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             return t.data_ptr()
 
         step = torch.ones((), device=device)
+        slots = [s is not None for s in plan.entries[0].states]
         rows = [
             (n, step.data_ptr(), rand(n, p_dtype), rand(n, g_dtype),
-             *[rand(n, s_dtype) for _ in range(n_states)], *[0] * (4 - n_states))
-            for n in sizes
+             *[rand(n, torch.float32 if k == 3 else s_dtype) if used else 0 for k, used in enumerate(slots)])
+            for n in tuning.scratch_numels(numels)
         ]
-        tables = BucketTables().update(rows, device, config["CHUNK"])
-        dtypes = tuple(_tl_dtype(d) for d in key[1:])
-        import triton.testing
+        scratch = BucketTables().update(rows, device, config["CHUNK"])
+        saved = plan.config
+        plan.config = config
+        try:
+            import triton.testing
 
-        return triton.testing.do_bench(
-            lambda: self._launch(group, tables, dtypes, config, lr, None, None, None), warmup=5, rep=20
-        )
+            return triton.testing.do_bench(lambda: self._launch(plan, scratch), warmup=5, rep=20)
+        finally:
+            plan.config = saved
 
     def _reference_bucket(self, plan, grad_scale, found_inf, clip):
         """The plain-PyTorch path (CPU without the interpreter, float64): the reference math
@@ -320,18 +384,43 @@ class FusedOptimizer(torch.optim.Optimizer):
             coef = clip[plan.key[0]]
             grads = [g.to(compute) / (1.0 if grad_scale is None else grad_scale) * coef for g in grads]
             grad_scale = None
-        lists = [params, grads]
-        lists += [[e.states[k] for e in entries] for k in range(len(entries[0].states))]
+        if plan.master:
+            targets = [e.states[3] for e in entries]
+        elif plan.stochastic:
+            targets = [p.to(torch.float32) for p in params]
+        else:
+            targets = params
+        lists = [targets, grads] + [[e.states[k] for e in entries] for k in range(3)]
         lists = [None if all(t is None for t in lst) else lst for lst in lists]
-        self._reference(plan.group, lists, [e.step for e in entries], grad_scale, compute)
+        steps = [e.step for e in entries]
+        self._reference(plan.group, lists, steps, grad_scale, compute)
+        if plan.master or plan.stochastic:
+            for i, (p, t) in enumerate(zip(params, targets)):
+                p.copy_(t if plan.master else _stochastic_bf16(t, self.seed, steps[i], i))
 
     # -- checkpoints ----------------------------------------------------------------------
     def load_state_dict(self, state_dict):
-        """torch's loader, then every `step` as a float32 tensor on its param's device
-        (the kernels read it there)."""
+        """torch's loader, then: every `step` a float32 tensor on its param's device (the
+        kernels read it there), and buffers back in this optimizer's dtypes: torch's loader
+        casts floating state to the param's dtype, which would round fp32 states and masters
+        of bf16 params; they are restored from the saved values instead."""
         super().load_state_dict(state_dict)
-        for p, state in self.state.items():
-            step = state.get("step")
-            if step is not None:
-                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device).clone()
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            state = self.state.get(p)
+            saved = state_dict["state"].get(saved_id)
+            if not state or saved is None:
+                continue
+            for key, value in saved.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if key == "step":
+                    state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                elif key == MASTER_KEY:
+                    state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+                elif value.is_floating_point() and p.is_floating_point():
+                    state[key] = value.to(device=p.device, dtype=self._state_dtype_for(p), copy=True)
+            if self.master_weights and p.dtype in LOW_PRECISION and MASTER_KEY not in state:
+                state[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
         self._bucket_tables.clear()

@@ -13,7 +13,8 @@ class Adam(FusedOptimizer):
 
     decoupled_weight_decay=True gives AdamW. max_grad_norm clips the global grad norm of
     all groups first (as clip_grad_norm_), fused into the step; last_grad_norm then holds
-    the pre-clip norm. foreach is accepted and ignored; fused=False and differentiable=True
+    the pre-clip norm. state_dtype, master_weights, stochastic_rounding and seed: see
+    FusedOptimizer. foreach is accepted and ignored; fused=False and differentiable=True
     are refused."""
 
     kernel_name = "adam"
@@ -21,7 +22,8 @@ class Adam(FusedOptimizer):
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
         foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-        decoupled_weight_decay=False, max_grad_norm=None,
+        decoupled_weight_decay=False, max_grad_norm=None, state_dtype=None, master_weights=False,
+        stochastic_rounding=False, seed=0,
     ):
         check_lr(lr)
         check_hyper("epsilon", eps)
@@ -36,7 +38,7 @@ class Adam(FusedOptimizer):
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        super().__init__(params, defaults, max_grad_norm)
+        super().__init__(params, defaults, max_grad_norm, state_dtype, master_weights, stochastic_rounding, seed)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -56,11 +58,6 @@ class Adam(FusedOptimizer):
         keys = ["exp_avg", "exp_avg_sq"]
         return keys + ["max_exp_avg_sq"] if group["amsgrad"] else keys
 
-    def _init_state(self, param, state, group):
-        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-        for key in self.state_keys(group):
-            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
     def _flags(self, group):
         return (group["amsgrad"], group["maximize"], self._wd_mode(group))
 
@@ -72,23 +69,24 @@ class Adam(FusedOptimizer):
             return WD_NONE
         return WD_DECOUPLED if group["decoupled_weight_decay"] else WD_L2
 
-    def _launch(self, group, tables, dtypes, config, lr, grad_scale, found_inf, clip_coef):
+    def _launch(self, plan, tables, grad_scale=None, found_inf=None, clip_coef=None):
         from .kernels import adam_update
 
+        group = plan.group
         beta1, beta2 = (float(b) for b in group["betas"])
         adam_update(
             tables.table, tables.chunks, tables.n_chunks,
-            lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            lr=plan.lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"], maximize=group["maximize"], wd_mode=self._wd_mode(group),
-            param_dtype=dtypes[0], grad_dtype=dtypes[1], state_dtype=dtypes[2],
-            aligned=tables.aligned, config=config, grad_scale=grad_scale, found_inf=found_inf,
-            clip_coef=clip_coef,
+            param_dtype=plan.dtypes[0], grad_dtype=plan.dtypes[1], state_dtype=plan.dtypes[2],
+            aligned=tables.aligned, config=plan.config, grad_scale=grad_scale, found_inf=found_inf,
+            clip_coef=clip_coef, master=plan.master, stochastic=plan.stochastic, seed=self.seed,
         )
 
     def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):
         beta1, beta2 = group["betas"]
         reference.upcast_step(
-            reference.adam_step, tensor_lists + [None] * (5 - len(tensor_lists)), steps, compute_dtype,
+            reference.adam_step, tensor_lists, steps, compute_dtype,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
             maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
@@ -102,12 +100,14 @@ class AdamW(Adam):
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
         maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
-        max_grad_norm=None,
+        max_grad_norm=None, state_dtype=None, master_weights=False, stochastic_rounding=False,
+        seed=0,
     ):
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=True, max_grad_norm=max_grad_norm,
+            decoupled_weight_decay=True, max_grad_norm=max_grad_norm, state_dtype=state_dtype,
+            master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed,
         )
 
     def __setstate__(self, state):

@@ -10,15 +10,17 @@ from ._base import FusedOptimizer, check_hyper, check_lr, check_torch_flags
 class RMSprop(FusedOptimizer):
     """torch.optim.RMSprop's signature, defaults, errors, math and state keys
     (`step`, `square_avg`, `momentum_buffer` if momentum > 0, `grad_avg` if centered),
-    computed in fp32 by Triton kernels. max_grad_norm clips the global grad norm first, as
-    in Adam. foreach is accepted and ignored; differentiable=True is refused."""
+    computed in fp32 by Triton kernels. max_grad_norm, state_dtype, master_weights,
+    stochastic_rounding and seed: see FusedOptimizer. foreach is accepted and ignored;
+    differentiable=True is refused."""
 
     kernel_name = "rmsprop"
 
     def __init__(
         self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
         capturable=False, foreach=None, maximize=False, differentiable=False, *,
-        max_grad_norm=None,
+        max_grad_norm=None, state_dtype=None, master_weights=False, stochastic_rounding=False,
+        seed=0,
     ):
         check_lr(lr)
         check_hyper("epsilon", eps)
@@ -31,7 +33,7 @@ class RMSprop(FusedOptimizer):
             weight_decay=weight_decay, capturable=capturable, foreach=foreach,
             maximize=maximize, differentiable=differentiable,
         )
-        super().__init__(params, defaults, max_grad_norm)
+        super().__init__(params, defaults, max_grad_norm, state_dtype, master_weights, stochastic_rounding, seed)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -53,25 +55,20 @@ class RMSprop(FusedOptimizer):
             "grad_avg" if group["centered"] else None,
         ]
 
-    def _init_state(self, param, state, group):
-        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-        for key in self.state_keys(group):
-            if key is not None:
-                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
     def _flags(self, group):
         return (group["centered"], group["momentum"] > 0, group["maximize"], group["weight_decay"] != 0)
 
-    def _launch(self, group, tables, dtypes, config, lr, grad_scale, found_inf, clip_coef):
+    def _launch(self, plan, tables, grad_scale=None, found_inf=None, clip_coef=None):
         from .kernels import rmsprop_update
 
+        group = plan.group
         rmsprop_update(
             tables.table, tables.chunks, tables.n_chunks,
-            lr=lr, alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+            lr=plan.lr, alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
             momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
-            param_dtype=dtypes[0], grad_dtype=dtypes[1], state_dtype=dtypes[2],
-            aligned=tables.aligned, config=config, grad_scale=grad_scale, found_inf=found_inf,
-            clip_coef=clip_coef,
+            param_dtype=plan.dtypes[0], grad_dtype=plan.dtypes[1], state_dtype=plan.dtypes[2],
+            aligned=tables.aligned, config=plan.config, grad_scale=grad_scale, found_inf=found_inf,
+            clip_coef=clip_coef, master=plan.master, stochastic=plan.stochastic, seed=self.seed,
         )
 
     def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):

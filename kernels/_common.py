@@ -37,10 +37,12 @@ def chunk_prologue(table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_
     """What every program needs first: its table row, first element and the tensor's
     numel; lr in fp64 (from lr_ptr when given); the divisor of the grads (AMP scale, 1
     without) and their clip coefficient (1 without); and whether to run at all (False when
-    GradScaler found an inf). Grads are used as grad / grad_div * clip, torch's order."""
+    GradScaler found an inf). Grads are used as grad / grad_div * clip, torch's order.
+    Also the tensor index t and its step (fp32, already incremented for this step)."""
     t, start = program_chunk(chunks_ptr)
     row = table_ptr + t * ROW
     numel = tl.load(row + NUMEL)
+    step = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
     lr64 = as_f64(lr)
     if lr_ptr is not None:
         lr64 = tl.load(lr_ptr).to(tl.float64)
@@ -53,7 +55,7 @@ def chunk_prologue(table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_
     run = True
     if found_inf_ptr is not None:
         run = tl.load(found_inf_ptr) == 0
-    return row, start, numel, lr64, grad_div, clip, run
+    return row, t, start, numel, step, lr64, grad_div, clip, run
 
 
 @triton.jit
@@ -101,6 +103,45 @@ def store_f32(ptr, offs, x, mask, DTYPE: tl.constexpr):
         tl.store(ptr + offs, bf16_bits_rne(x), mask=mask)
     else:
         tl.store(ptr + offs, x.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def bf16_bits_stochastic(x, random):
+    """fp32 -> bf16 bit pattern, rounded up with probability (dropped bits) / 2^16, so the
+    rounding is unbiased; `random` holds uniform 32-bit integers. NaN -> 0x7FC0."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (random.to(tl.uint32) & 0xFFFF)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16)
+
+
+@triton.jit
+def rounding_seed(seed, step, t):
+    """Per-(step, tensor) Philox seed for stochastic rounding: reproducible for a given seed,
+    different every step (the step is read on the device, so CUDA graphs replay correctly)."""
+    return ((seed + step.to(tl.int64) * 1000003 + t * 7919) & 0x7FFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE: tl.constexpr, MASTER: tl.constexpr):
+    """The fp32 value being optimized: the fp32 master copy when MASTER, else the param."""
+    if MASTER:
+        return load_f32(master_ptr, offs, mask, tl.float32)
+    else:
+        return load_f32(param_ptr, offs, mask, PARAM_DTYPE)
+
+
+@triton.jit
+def store_param(param_ptr, master_ptr, offs, p, mask, PARAM_DTYPE: tl.constexpr,
+                MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, seed):
+    """Write the updated fp32 value: into the master (fp32) and the param (nearest even)
+    when MASTER; else into the param, stochastically rounded when STOCHASTIC (bf16 only)."""
+    if MASTER:
+        store_f32(master_ptr, offs, p, mask, tl.float32)
+    if STOCHASTIC:
+        tl.store(param_ptr + offs, bf16_bits_stochastic(p, tl.randint(seed, offs)), mask=mask)
+    else:
+        store_f32(param_ptr, offs, p, mask, PARAM_DTYPE)
 
 
 @triton.jit

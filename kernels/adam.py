@@ -20,14 +20,17 @@ from ._common import (
     STATE0,
     STATE1,
     STATE2,
-    STEP,
+    STATE3,
     as_f64,
     bias_correction,
     chunk_prologue,
     lerp,
     load_f32,
+    load_param,
     lr_args,
+    rounding_seed,
     store_f32,
+    store_param,
     field_ptr,
 )
 
@@ -37,11 +40,12 @@ WD_NONE, WD_L2, WD_DECOUPLED = 0, 1, 2
 
 @triton.jit
 def _adam_chunk(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,  # typed pointers
+    param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,  # typed pointers
     start, numel,  # first element of the chunk, elements in the tensor
     grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
+    MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, seed,
     MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     for off in range(0, CHUNK, BLOCK):
@@ -52,7 +56,7 @@ def _adam_chunk(
             mask = None
         # load and widen to fp32
         g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div * clip
-        p = load_f32(param_ptr, offs, mask, PARAM_DTYPE)
+        p = load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE, MASTER)
         m = load_f32(exp_avg_ptr, offs, mask, STATE_DTYPE)
         v = load_f32(exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
         if MAXIMIZE:
@@ -76,10 +80,10 @@ def _adam_chunk(
         p = p - step_size * (m / denom)
         store_f32(exp_avg_ptr, offs, m, mask, STATE_DTYPE)
         store_f32(exp_avg_sq_ptr, offs, v, mask, STATE_DTYPE)
-        store_f32(param_ptr, offs, p, mask, PARAM_DTYPE)
+        store_param(param_ptr, master_ptr, offs, p, mask, PARAM_DTYPE, MASTER, STOCHASTIC, seed)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _adam_kernel(
     table_ptr,  # int64 [n_tensors, ROW]: numel, step, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
     chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
@@ -90,17 +94,24 @@ def _adam_kernel(
     grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
     found_inf_ptr,  # GradScaler's found_inf: non-zero leaves everything untouched; or None
     clip_coef_ptr,  # fp32 0-d clip coefficient the grads are multiplied by, or None
+    seed,  # int: stochastic-rounding seed (mixed with step and tensor index)
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
+    MASTER: tl.constexpr,  # STATE3 holds an fp32 master copy of the (bf16/fp16) param
+    STOCHASTIC: tl.constexpr,  # round bf16 param stores stochastically
     ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # which tensor, which part of it, and the shared per-step scalars
-    row, start, numel, lr64, grad_div, clip, run = chunk_prologue(
+    row, t, start, numel, step, lr64, grad_div, clip, run = chunk_prologue(
         table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr
     )
     param_ptr = field_ptr(row, PARAM, PARAM_DTYPE, ALIGNED)
     grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
+    master_ptr = param_ptr
+    if MASTER:
+        master_ptr = field_ptr(row, STATE3, tl.float32, ALIGNED)
+    seed = rounding_seed(seed, step, t)
     exp_avg_ptr = field_ptr(row, STATE0, STATE_DTYPE, ALIGNED)
     exp_avg_sq_ptr = field_ptr(row, STATE1, STATE_DTYPE, ALIGNED)
     max_exp_avg_sq_ptr = exp_avg_sq_ptr
@@ -108,7 +119,6 @@ def _adam_kernel(
         max_exp_avg_sq_ptr = field_ptr(row, STATE2, STATE_DTYPE, ALIGNED)
 
     # bias corrections in fp64 from the (already incremented) step
-    step = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
     bc1 = bias_correction(step, log2_beta1_hi, log2_beta1_lo)
     bc2 = bias_correction(step, log2_beta2_hi, log2_beta2_lo)
     step_size = (lr64 / bc1).to(tl.float32)
@@ -121,19 +131,19 @@ def _adam_kernel(
         # full chunks of aligned tensors take the unmasked (128-bit) path
         if ALIGNED and start + CHUNK <= numel:
             _adam_chunk(
-                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                 start, numel, grad_div, clip, step_size, bc2_sqrt, decay,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                 PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
-                False, CHUNK, BLOCK,
+                MASTER, STOCHASTIC, seed, False, CHUNK, BLOCK,
             )
         else:
             _adam_chunk(
-                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+                param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
                 start, numel, grad_div, clip, step_size, bc2_sqrt, decay,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                 PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
-                True, CHUNK, BLOCK,
+                MASTER, STOCHASTIC, seed, True, CHUNK, BLOCK,
             )
 
 
@@ -146,7 +156,7 @@ def split_f64(x):
 def adam_update(
     table, chunks, n_chunks, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
     wd_mode, param_dtype, grad_dtype, state_dtype, aligned, config,
-    grad_scale=None, found_inf=None, clip_coef=None,
+    grad_scale=None, found_inf=None, clip_coef=None, master=False, stochastic=False, seed=0,
 ):
     """Launch the Adam update over every chunk of a bucket (one launch).
 
@@ -160,9 +170,9 @@ def adam_update(
         lr, lr_ptr,
         float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), float(weight_decay),
         l1[0], l1[1], l2[0], l2[1],
-        grad_scale, found_inf, clip_coef,
+        grad_scale, found_inf, clip_coef, int(seed),
         PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), WD_MODE=wd_mode,
-        ALIGNED=bool(aligned), CHUNK=config["CHUNK"], BLOCK=config["BLOCK"],
+        MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned), CHUNK=config["CHUNK"], BLOCK=config["BLOCK"],
         num_warps=config["num_warps"],
     )

@@ -43,7 +43,7 @@ def _grad_sq_partials_kernel(
     if c == 0:
         increment_steps_of(table_ptr, n_tensors, found_inf_ptr, 256)
     if c < n_chunks:
-        row, start, numel, lr64, grad_div, clip, run = chunk_prologue(
+        row, t, start, numel, step, lr64, grad_div, clip, run = chunk_prologue(
             table_ptr, chunks_ptr, 0.0, None, grad_scale_ptr, None, None
         )
         grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)

@@ -19,23 +19,28 @@ from ._common import (
     STATE0,
     STATE1,
     STATE2,
+    STATE3,
     chunk_prologue,
     field_ptr,
     lerp,
     load_f32,
+    load_param,
     lr_args,
+    rounding_seed,
     store_f32,
+    store_param,
 )
 
 
 @triton.jit
 def _rmsprop_chunk(
-    param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,  # typed pointers
+    param_ptr, master_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,  # typed pointers
     start, numel,  # first element of the chunk, elements in the tensor
     grad_div, clip, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
-    WEIGHT_DECAY: tl.constexpr, MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, seed,
+    MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
@@ -45,7 +50,7 @@ def _rmsprop_chunk(
             mask = None
         # load and widen to fp32
         g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div * clip
-        p = load_f32(param_ptr, offs, mask, PARAM_DTYPE)
+        p = load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE, MASTER)
         v = load_f32(square_avg_ptr, offs, mask, STATE_DTYPE)
         if MAXIMIZE:
             g = -g
@@ -67,10 +72,10 @@ def _rmsprop_chunk(
             p = p - lr * buf
         else:
             p = p - lr * (g / avg)
-        store_f32(param_ptr, offs, p, mask, PARAM_DTYPE)
+        store_param(param_ptr, master_ptr, offs, p, mask, PARAM_DTYPE, MASTER, STOCHASTIC, seed)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _rmsprop_kernel(
     table_ptr,  # int64 [n_tensors, ROW]: numel, step, param, grad, square_avg, momentum_buffer, grad_avg
     chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
@@ -80,18 +85,25 @@ def _rmsprop_kernel(
     grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
     found_inf_ptr,  # GradScaler's found_inf: non-zero leaves everything untouched; or None
     clip_coef_ptr,  # fp32 0-d clip coefficient the grads are multiplied by, or None
+    seed,  # int: stochastic-rounding seed (mixed with step and tensor index)
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
+    MASTER: tl.constexpr,  # STATE3 holds an fp32 master copy of the (bf16/fp16) param
+    STOCHASTIC: tl.constexpr,  # round bf16 param stores stochastically
     ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # which tensor, which part of it, and the shared per-step scalars
-    row, start, numel, lr64, grad_div, clip, run = chunk_prologue(
+    row, t, start, numel, step, lr64, grad_div, clip, run = chunk_prologue(
         table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr
     )
     param_ptr = field_ptr(row, PARAM, PARAM_DTYPE, ALIGNED)
     grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
+    master_ptr = param_ptr
+    if MASTER:
+        master_ptr = field_ptr(row, STATE3, tl.float32, ALIGNED)
+    seed = rounding_seed(seed, step, t)
     square_avg_ptr = field_ptr(row, STATE0, STATE_DTYPE, ALIGNED)
     momentum_buffer_ptr = square_avg_ptr
     if MOMENTUM:
@@ -107,24 +119,24 @@ def _rmsprop_kernel(
         # full chunks of aligned tensors take the unmasked (128-bit) path
         if ALIGNED and start + CHUNK <= numel:
             _rmsprop_chunk(
-                param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
+                param_ptr, master_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
                 start, numel, grad_div, clip, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
                 PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
-                False, CHUNK, BLOCK,
+                MASTER, STOCHASTIC, seed, False, CHUNK, BLOCK,
             )
         else:
             _rmsprop_chunk(
-                param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
+                param_ptr, master_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
                 start, numel, grad_div, clip, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
                 PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
-                True, CHUNK, BLOCK,
+                MASTER, STOCHASTIC, seed, True, CHUNK, BLOCK,
             )
 
 
 def rmsprop_update(
     table, chunks, n_chunks, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
     param_dtype, grad_dtype, state_dtype, aligned, config,
-    grad_scale=None, found_inf=None, clip_coef=None,
+    grad_scale=None, found_inf=None, clip_coef=None, master=False, stochastic=False, seed=0,
 ):
     """Launch the RMSprop update over every chunk of a bucket (one launch).
 
@@ -134,10 +146,10 @@ def rmsprop_update(
     _rmsprop_kernel[(n_chunks,)](
         table, chunks, lr, lr_ptr,
         float(alpha), float(1.0 - alpha), float(eps), float(weight_decay), float(momentum),
-        grad_scale, found_inf, clip_coef,
+        grad_scale, found_inf, clip_coef, int(seed),
         PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
         CENTERED=bool(centered), MOMENTUM=momentum > 0, MAXIMIZE=bool(maximize),
         WEIGHT_DECAY=weight_decay != 0,
-        ALIGNED=bool(aligned), CHUNK=config["CHUNK"], BLOCK=config["BLOCK"],
+        MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned), CHUNK=config["CHUNK"], BLOCK=config["BLOCK"],
         num_warps=config["num_warps"],
     )
