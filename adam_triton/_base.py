@@ -17,8 +17,27 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 MASTER_KEY = "master_param"  # state key of the fp32 master copy (master_weights=True)
 
 
+try:  # DTensor params (FSDP2): the kernels update each rank's local shard
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
+
+def _local(t):
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
 def _real(t):
+    """The tensor the kernels see: the local shard of a DTensor, as real numbers."""
+    t = _local(t)
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _sharding(t):
+    """(mesh, placements) of a DTensor, None for a plain tensor."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return (t.device_mesh, tuple(t.placements))
+    return None
 
 
 def _tl_dtype(dtype):
@@ -239,7 +258,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._init_state(p, state, group)
             states = [None if k is None else state.get(k) for k in keys]
             ref = next((s for s in states[:3] if s is not None), p)
-            key = (p.device, _real(p).dtype, _real(p.grad).dtype, _real(ref).dtype, states[3] is not None)
+            key = (p.device, _real(p).dtype, _real(p.grad).dtype, _real(ref).dtype, states[3] is not None,
+                   _sharding(p))
             buckets.setdefault(key, []).append(_Entry(p, p.grad, states, state["step"]))
         return [self._plan_bucket(gi, group, key, entries) for key, entries in buckets.items()]
 
@@ -260,7 +280,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(lr, torch.Tensor):
             lr = lr if lr.device == key[0] else float(lr)
         plan.lr = lr
-        tune_key = (self.kernel_name, str(key[0]), key[1:], self._flags(group), tuning.size_class(numels))
+        tune_key = (self.kernel_name, str(key[0]), key[1:5], self._flags(group), tuning.size_class(numels))
         plan.config = tuning.config_for(tune_key, lambda c: self._bench_scratch(plan, numels, c))
         tables = self._bucket_tables.setdefault((gi, key), BucketTables())
         plan.tables = tables.update(rows, key[0], plan.config["CHUNK"])
@@ -283,7 +303,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         devices = {plan.key[0] for plan in plans}
         kernel_plans = [plan for plan in plans if plan.tables is not None]
         n_partials = sum(max(1, plan.tables.n_chunks) for plan in kernel_plans)
-        if len(devices) == 1 and len(kernel_plans) == len(plans) and not self._distributed_norm():
+        sharded = any(plan.key[5] is not None for plan in plans)
+        if len(devices) == 1 and len(kernel_plans) == len(plans) and not sharded:
             # the common case: one device, all buckets on the kernel path -> stage 2 in one program
             device = next(iter(devices))
             partials = torch.zeros(n_partials, dtype=torch.float32, device=device)
@@ -298,16 +319,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             return {device: coef}
         # general case: squared sums per bucket, combined with torch ops (and across ranks)
         first = plans[0].key[0]
-        sq_sums = []
+        sq_sums = {}
         for plan in plans:
             if plan.tables is not None:
                 partials = torch.zeros(max(1, plan.tables.n_chunks), dtype=torch.float32, device=plan.key[0])
                 self._grad_sq_partials(plan, partials, grad_scale, found_inf)
-                sq_sums.append(partials.sum().to(first))
+                local = partials.sum()
             else:
-                sq_sums.append(_grad_sq_sum(plan.entries, grad_scale).to(first))
-        total = self._reduce_sq_norm(torch.stack(sq_sums).sum())
-        norm = total.sqrt()
+                local = _grad_sq_sum(plan.entries, grad_scale).to(torch.float32)
+            sharding = plan.key[5]
+            sq_sums[sharding] = local.to(first) + (sq_sums[sharding] if sharding in sq_sums else 0.0)
+        norm = self._global_sq_sum(sq_sums).sqrt()
         coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
         self.last_grad_norm = norm
         return {d: coef.to(d) for d in devices}
@@ -322,13 +344,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         )
         plan.steps_done = True
 
-    def _distributed_norm(self):
-        """Whether the grad norm must be reduced across processes (sharded params)."""
-        return False
+    @staticmethod
+    def _global_sq_sum(sq_sums):
+        """Sum of squares over all ranks: each bucket's local sum, grouped by sharding; a
+        DTensor group is summed over its sharded mesh dims (an all-reduce), as
+        clip_grad_norm_ does on DTensor params."""
+        from torch.distributed.tensor import Partial, Replicate
 
-    def _reduce_sq_norm(self, sq_sum):
-        """The global squared norm from this process's part (identity without sharding)."""
-        return sq_sum
+        total = None
+        for sharding, local in sq_sums.items():
+            if sharding is not None:
+                mesh, placements = sharding
+                spec = [Partial() if pl.is_shard() else Replicate() for pl in placements]
+                local = DTensor.from_local(local, mesh, spec).full_tensor()
+            total = local if total is None else total + local.to(total.device)
+        return total
 
     def _kernel_bucket(self, plan, grad_scale, found_inf, clip):
         from .kernels import increment_steps
@@ -346,7 +376,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _bench_scratch(self, plan, numels, config):
         """Milliseconds of one launch with config on random scratch tensors shaped like the
         bucket (never the user's tensors: tuning cannot apply an update twice)."""
-        device, p_dtype, g_dtype, s_dtype, _ = plan.key
+        device, p_dtype, g_dtype, s_dtype = plan.key[:4]
         keep = []
 
         def rand(n, dtype):
