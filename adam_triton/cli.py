@@ -39,20 +39,17 @@ def _enable_interpreter_without_cuda():
     """Set TRITON_INTERPRET=1 when no CUDA device is available and the user left it unset.
 
     Triton picks interpreter or compiler when a kernel is decorated, so this has to run
-    before adam_triton.kernels is imported. Returns True when it set the variable."""
-    if "TRITON_INTERPRET" in os.environ:
-        return False
-    if torch.cuda.is_available():
-        return False
+    before adam_triton.kernels is imported."""
+    if "TRITON_INTERPRET" in os.environ or torch.cuda.is_available():
+        return
     if "adam_triton.kernels" in sys.modules:
         print(
             "warning: adam_triton.kernels was imported before TRITON_INTERPRET could be set; "
             "set TRITON_INTERPRET=1 yourself",
             file=sys.stderr,
         )
-        return False
+        return
     os.environ["TRITON_INTERPRET"] = "1"
-    return True
 
 
 def describe_path(device):
