@@ -171,12 +171,15 @@ def increment_steps_of(table_ptr, n_tensors, found_inf_ptr, BLOCK: tl.constexpr)
     inc = 1.0
     if found_inf_ptr is not None:
         inc = tl.where(tl.load(found_inf_ptr) == 0, 1.0, 0.0)
-    for first in range(0, n_tensors, BLOCK):
+    # a while loop: Triton 3.6's interpreter cannot take a runtime bound in range()
+    first = 0
+    while first < n_tensors:
         rows = first + tl.arange(0, BLOCK)
         mask = rows < n_tensors
         step_ptrs = tl.load(table_ptr + rows.to(tl.int64) * ROW + STEP, mask=mask, other=0)
         step_ptrs = step_ptrs.to(tl.pointer_type(tl.float32))
         tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + inc, mask=mask)
+        first += BLOCK
 
 
 @triton.jit

@@ -67,9 +67,11 @@ def _clip_coef_kernel(
 ):
     # fixed-order reduction: the same inputs give the same bits
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for first in range(0, n_partials, BLOCK):
+    first = 0
+    while first < n_partials:  # not range(): Triton 3.6's interpreter needs a constant bound
         offs = first + tl.arange(0, BLOCK)
         acc += tl.load(partials_ptr + offs, mask=offs < n_partials, other=0.0)
+        first += BLOCK
     norm = tl.sqrt(tl.sum(acc))
     tl.store(norm_ptr, norm)
     coef = tl.minimum(max_norm / (norm + 1e-6), 1.0, propagate_nan=tl.PropagateNan.ALL)
