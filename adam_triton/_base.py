@@ -277,9 +277,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             rows.append((e.param.numel(), e.step.data_ptr(), e.param.data_ptr(), e.grad.data_ptr(), *slots))
         numels = [r[0] for r in rows]
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr = lr if lr.device == key[0] else float(lr)
-        plan.lr = lr
+        # a tensor on the bucket's device is read by the kernel; anything else is a number
+        plan.lr = lr if isinstance(lr, torch.Tensor) and lr.device == key[0] else float(lr)
         tune_key = (self.kernel_name, str(key[0]), key[1:5], self._flags(group), tuning.size_class(numels))
         plan.config = tuning.config_for(tune_key, lambda c: self._bench_scratch(plan, numels, c))
         tables = self._bucket_tables.setdefault((gi, key), BucketTables())
@@ -443,11 +442,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not state or saved is None:
                 continue
             for key, value in saved.items():
+                if key == "step":  # a number in checkpoints of torch < 1.12
+                    state[key] = torch.as_tensor(value, dtype=torch.float32).to(p.device, copy=True)
+                    continue
                 if not isinstance(value, torch.Tensor):
                     continue
-                if key == "step":
-                    state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
-                elif key == MASTER_KEY:
+                if key == MASTER_KEY:
                     state[key] = value.to(device=p.device, dtype=torch.float32, copy=True)
                 elif value.is_floating_point() and p.is_floating_point():
                     state[key] = value.to(device=p.device, dtype=self._state_dtype_for(p), copy=True)

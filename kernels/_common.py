@@ -194,10 +194,11 @@ def _increment_steps_kernel(
 
 
 def lr_args(lr):
-    """(value, pointer) kernel arguments for lr: a float, or a 0-d tensor read on the device."""
-    if isinstance(lr, (int, float)):
-        return float(lr), None
-    return 0.0, lr
+    """(value, pointer) kernel arguments for lr: a 0-d tensor is read on the device; any
+    other number (Python or NumPy scalar) is passed by value."""
+    if hasattr(lr, "data_ptr"):
+        return 0.0, lr
+    return float(lr), None
 
 
 def increment_steps(table, n_tensors, found_inf=None):
