@@ -38,13 +38,14 @@ _PLAIN_PATH = (
 def _enable_interpreter_without_cuda():
     """Set TRITON_INTERPRET=1 when no CUDA device is available and the user left it unset.
 
-    Triton picks interpreter or compiler when a kernel is decorated, so this has to run
-    before adam_triton.kernels is imported."""
+    Triton picks interpreter or compiler when a jit function is defined (its own, like
+    tl.sum, included), so this has to run before triton is first imported; importing
+    adam_triton does not import it."""
     if "TRITON_INTERPRET" in os.environ or torch.cuda.is_available():
         return
-    if "adam_triton.kernels" in sys.modules:
+    if "triton" in sys.modules:
         print(
-            "warning: adam_triton.kernels was imported before TRITON_INTERPRET could be set; "
+            "warning: triton was imported before TRITON_INTERPRET could be set; "
             "set TRITON_INTERPRET=1 yourself",
             file=sys.stderr,
         )
