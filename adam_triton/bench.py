@@ -15,6 +15,10 @@ formula is the fewest bytes a step must move: every input read once, every outpu
     momentum       + read and write the momentum buffer     + 2S
     centered       + read and write grad_avg                + 2S
   clipping         + one more read of g (the norm pass)     + G           (AdamW fp32 32)
+  fp32 master      read it instead of p, write it too       P + 8 + G + 4S (bf16 p/g, fp32 S: 28)
+bf16 modes (adam-fp32-states, adam-master): adam-triton's options state_dtype=fp32 (+
+master_weights); torch has neither, so its fused step on the same bf16 params (bf16 states)
+is shown beside, each implementation's GB/s from its own formula.
   device copy      read src, write dst                      2 x size
 GB/s = bytes formula x elements / median time, the same formula for every implementation:
 a rate of useful work, not a count of what each implementation actually moves.
@@ -136,10 +140,11 @@ def numel_of(shape):
 # ---------------------------------------------------------------------------------------------
 
 
-def adam_bytes_per_elem(param_bytes, grad_bytes, state_bytes, amsgrad=False, clip=False):
+def adam_bytes_per_elem(param_bytes, grad_bytes, state_bytes, amsgrad=False, clip=False, master=False):
     """Fewest bytes one Adam/AdamW step moves per element: read p, g, m, v; write p, m, v
-    (AMSGrad: + read/write vmax; clip: + one more read of g for the norm)."""
-    n = 2 * param_bytes + grad_bytes + 4 * state_bytes
+    (AMSGrad: + read/write vmax; clip: + one more read of g for the norm; master: the fp32
+    master is read instead of p and written besides p)."""
+    n = (param_bytes + 8 if master else 2 * param_bytes) + grad_bytes + 4 * state_bytes
     if amsgrad:
         n += 2 * state_bytes
     if clip:
@@ -176,21 +181,30 @@ def element_size(dtype):
 # Variants (what is computed) and implementations (who computes it)
 # ---------------------------------------------------------------------------------------------
 
+OURS_NAME = "adam-triton"
+
 
 @dataclass(frozen=True)
 class Variant:
     """One optimizer configuration: the class name (in torch.optim and adam_triton), its
-    hyperparameters, and the max grad norm for clip+step (None: no clipping)."""
+    hyperparameters, the max grad norm for clip+step (None: no clipping), and options only
+    adam-triton has (state_dtype, master_weights), which torch's baselines run without."""
 
     name: str
     cls: str
     hyper: dict = field(default_factory=dict)
     clip: float = None
+    ours: dict = field(default_factory=dict)
 
-    def bytes_per_elem(self, dtype, clip=None):
-        """Bytes formula for params, grads and states all of dtype (torch's default state dtype)."""
+    def bytes_per_elem(self, dtype, clip=None, impl=OURS_NAME):
+        """Bytes formula of impl for params and grads of dtype; states of dtype unless
+        adam-triton runs with state_dtype (torch's default: the param's dtype)."""
         b = element_size(dtype)
         clip = self.clip is not None if clip is None else clip
+        ours = self.ours if impl == OURS_NAME else {}
+        if ours.get("state_dtype") is not None:
+            s_bytes = element_size(ours["state_dtype"])
+            return adam_bytes_per_elem(b, b, s_bytes, clip=clip, master=bool(ours.get("master_weights")))
         if self.cls == "RMSprop":
             return rmsprop_bytes_per_elem(
                 b, b, b, momentum=self.hyper.get("momentum", 0) != 0,
@@ -201,6 +215,10 @@ class Variant:
     def formula(self):
         if self.cls == "RMSprop":
             text = "2P + G + 2S (read p, g, v; write p, v)"
+        elif self.ours.get("master_weights"):
+            text = "P + 8 + G + 4S (read master, g, m, v; write p, master, m, v); torch: 2P + G + 4S"
+        elif self.ours.get("state_dtype") is not None:
+            text = "2P + G + 4S, S = 4 (fp32 states); torch: S = P"
         elif self.hyper.get("amsgrad"):
             text = "2P + G + 6S (read p, g, m, v, vmax; write p, m, v, vmax)"
         else:
@@ -215,16 +233,24 @@ VARIANTS = {
     # torch's defaults: alpha 0.99, no momentum, not centered
     "rmsprop": Variant("rmsprop", "RMSprop", {"lr": 1e-3}),
     "clip": Variant("clip", "AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, clip=1.0),
+    # bf16 training modes (run them with --dtype bf16)
+    "adam-fp32-states": Variant("adam-fp32-states", "Adam", {"lr": 1e-3}, ours={"state_dtype": torch.float32}),
+    "adam-master": Variant(
+        "adam-master", "Adam", {"lr": 1e-3}, ours={"state_dtype": torch.float32, "master_weights": True}
+    ),
 }
 
-OURS = "adam-triton"
+OURS = OURS_NAME
 BASELINES = ("torch-for-loop", "torch-foreach", "torch-fused", "torch-compile")
 CLIP_BASELINES = ("torch-clip+fused",)  # torch.nn.utils.clip_grad_norm_, then fused=True
 IMPLS = (OURS,) + BASELINES + CLIP_BASELINES
 
 
 def impls_for(variant):
-    """adam-triton first (the speed-ups divide by its time), then the torch baselines."""
+    """adam-triton first (the speed-ups divide by its time), then the torch baselines (for
+    adam-triton-only options, torch's fused step as it stands, beside)."""
+    if variant.ours:
+        return (OURS, "torch-fused")
     return (OURS,) + (CLIP_BASELINES if variant.clip is not None else BASELINES)
 
 
@@ -244,6 +270,7 @@ def build(impl, variant, params, interpreter_demo=False):
             raise Skip(f"adam_triton has no {variant.cls}")
         if variant.clip is not None:
             hyper["max_grad_norm"] = variant.clip
+        hyper.update(variant.ours)
         try:
             opt = cls(params, **hyper)
         except TypeError as exc:
@@ -518,7 +545,7 @@ WARM_STEPS = 3  # state creation, Triton compilation, autotuning, torch.compile:
 def measure(impl, variant, params, device, opts, copy_gbps, numel):
     """Everything reported about one (implementation, variant) over params: a row dict."""
     demo = device.type != "cuda"
-    bytes_per_elem = variant.bytes_per_elem(params[0].dtype)
+    bytes_per_elem = variant.bytes_per_elem(params[0].dtype, impl=impl)
     row = {"status": "ok", "bytes_per_elem": bytes_per_elem, "bytes": bytes_per_elem * numel}
     try:
         step, opt = build(impl, variant, params, interpreter_demo=demo)
@@ -1008,6 +1035,7 @@ def tune_case(label, variant, params, results, out=print):
     hyper = dict(variant.hyper)
     if variant.clip is not None:
         hyper["max_grad_norm"] = variant.clip
+    hyper.update(variant.ours)
     try:
         if cls is None:
             raise TypeError(f"adam_triton has no {variant.cls}")

@@ -71,6 +71,12 @@ def test_bytes_formulas():
     assert bench.adam_bytes_per_elem(4, 4, 4, amsgrad=True) == 36
     assert bench.adam_bytes_per_elem(4, 4, 4, clip=True) == 32
     assert bench.adam_bytes_per_elem(2, 2, 4) == 22  # bf16 params and grads, fp32 states
+    assert bench.adam_bytes_per_elem(2, 2, 4, master=True) == 28  # + fp32 master weights
+    fp32_states, master = bench.VARIANTS["adam-fp32-states"], bench.VARIANTS["adam-master"]
+    assert fp32_states.bytes_per_elem(torch.bfloat16) == 22
+    assert master.bytes_per_elem(torch.bfloat16) == 28
+    assert master.bytes_per_elem(torch.bfloat16, impl="torch-fused") == 14  # torch keeps bf16 states
+    assert bench.impls_for(master) == ("adam-triton", "torch-fused")
     assert bench.rmsprop_bytes_per_elem(4, 4, 4) == 20
     assert bench.rmsprop_bytes_per_elem(4, 4, 4, momentum=True) == 28
     assert bench.rmsprop_bytes_per_elem(4, 4, 4, momentum=True, centered=True) == 36
