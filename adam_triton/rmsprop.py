@@ -1,8 +1,6 @@
 """RMSprop: a drop-in replacement for torch.optim.RMSprop (which has no fused path), one
 fused launch per (param group, device, dtype) bucket."""
 
-import torch
-
 from . import reference
 from ._base import FusedOptimizer, check_hyper, check_lr, check_torch_flags
 

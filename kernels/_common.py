@@ -75,6 +75,19 @@ def field_ptr(row_ptr, FIELD: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.con
 
 
 @triton.jit
+def param_ptrs(row, t, step, seed, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+               MASTER: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers every update kernel uses: param, grad and the fp32 master (slot STATE3 when
+    MASTER, else the param again), and the stochastic-rounding seed of this (step, tensor)."""
+    param_ptr = field_ptr(row, PARAM, PARAM_DTYPE, ALIGNED)
+    grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
+    master_ptr = param_ptr
+    if MASTER:
+        master_ptr = field_ptr(row, STATE3, tl.float32, ALIGNED)
+    return param_ptr, grad_ptr, master_ptr, rounding_seed(seed, step, t)
+
+
+@triton.jit
 def load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
     """Load ptr[offs] (masked unless mask is None) and widen to fp32."""
     if mask is None:

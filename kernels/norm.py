@@ -19,7 +19,7 @@ def _sq_sum_chunk(grad_ptr, start, numel, grad_div, GRAD_DTYPE: tl.constexpr,
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
-        if MASKED:
+        if MASKED:  # (compiled Triton cannot return None from a helper, so this stays inline)
             mask = offs < numel
         else:
             mask = None

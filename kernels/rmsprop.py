@@ -14,19 +14,16 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    GRAD,
-    PARAM,
     STATE0,
     STATE1,
     STATE2,
-    STATE3,
     chunk_prologue,
     field_ptr,
     lerp,
     load_f32,
     load_param,
     lr_args,
-    rounding_seed,
+    param_ptrs,
     store_f32,
     store_param,
 )
@@ -44,7 +41,7 @@ def _rmsprop_chunk(
 ):
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
-        if MASKED:
+        if MASKED:  # (compiled Triton cannot return None from a helper, so this stays inline)
             mask = offs < numel
         else:
             mask = None
@@ -98,12 +95,9 @@ def _rmsprop_kernel(
     row, t, start, numel, step, lr64, grad_div, clip, run = chunk_prologue(
         table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr
     )
-    param_ptr = field_ptr(row, PARAM, PARAM_DTYPE, ALIGNED)
-    grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
-    master_ptr = param_ptr
-    if MASTER:
-        master_ptr = field_ptr(row, STATE3, tl.float32, ALIGNED)
-    seed = rounding_seed(seed, step, t)
+    param_ptr, grad_ptr, master_ptr, seed = param_ptrs(
+        row, t, step, seed, PARAM_DTYPE, GRAD_DTYPE, MASTER, ALIGNED
+    )
     square_avg_ptr = field_ptr(row, STATE0, STATE_DTYPE, ALIGNED)
     momentum_buffer_ptr = square_avg_ptr
     if MOMENTUM:
