@@ -1,10 +1,11 @@
-"""The machinery every fused optimizer shares: grouping tensors into buckets, the kernel
-path (one update launch per bucket plus one step increment), the plain-PyTorch path, AMP
-scaling, and checkpoint loading.
+"""The machinery every fused optimizer shares: lazy state, grouping tensors into buckets,
+the kernel path (one update launch per bucket plus one step increment, or the norm pass
+that also increments steps when clipping), the plain-PyTorch path, AMP scaling, clipping,
+DTensor shards, mixed-precision modes and checkpoint loading.
 
 A subclass describes its algorithm: which state buffers it keeps (in kernel slot order),
-how to create them, how to launch its kernel on a bucket, and which reference function
-the plain-PyTorch path runs.
+how to launch its kernel on a bucket, and which reference function the plain-PyTorch path
+runs.
 """
 
 import torch

@@ -1,6 +1,7 @@
-"""Pieces every optimizer kernel shares: the tensor table, chunk decoding, fp32 loads and
-stores for every storage dtype (bf16 rounded to nearest even, bit for bit like torch),
-bias corrections from a device-side step, and the step-increment kernel.
+"""Pieces every optimizer kernel shares: the tensor table, chunk decoding and the per-program
+prologue, fp32 loads and stores for every storage dtype (bf16 rounded to nearest even, bit
+for bit like torch, or stochastically), the fp32 master copy, bias corrections from a
+device-side step, and the step-increment kernel.
 
 The tensor table is an int64 tensor of shape [n_tensors, ROW]; row t describes tensor t of a
 bucket. The chunk table is an int64 tensor of shape [n_chunks, 2]: (tensor index, first

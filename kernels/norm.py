@@ -1,8 +1,8 @@
 """Global gradient norm for clipping, deterministic and without float atomics.
 
 Stage 1 (one launch per bucket): program c writes sum((grad / grad_scale)^2) over its chunk
-to partials[base + c]; program 0 also increments the bucket's steps (the norm pass never
-reads them, so this is race-free, and it saves the separate step launch).
+to partials[base + c]; program 0 also increments the bucket's steps (no value of the norm
+pass depends on a step, so this is race-free, and it saves the separate step launch).
 Stage 2 (one program): sums all partials in a fixed order, then writes
 norm = sqrt(sum) and coef = min(1, max_norm / (norm + 1e-6)), as clip_grad_norm_.
 """
