@@ -25,22 +25,25 @@ ROW = tl.constexpr(8)
 
 
 @triton.jit
-def program_chunk(chunks_ptr):
-    """(tensor index, first element) of this program's chunk, both int64."""
+def program_chunk(chunks_ptr, CHUNK: tl.constexpr):
+    """(tensor index, first element) of this program's chunk, both int64. Every start is a
+    multiple of CHUNK (the host builds the table so); the hint sits on the load itself,
+    where Triton 3.6 keeps it (applied to a helper's return value it is lost)."""
     c = tl.program_id(0).to(tl.int64)
     t = tl.load(chunks_ptr + 2 * c)
-    start = tl.load(chunks_ptr + 2 * c + 1)
+    start = tl.multiple_of(tl.load(chunks_ptr + 2 * c + 1), CHUNK)
     return t, start
 
 
 @triton.jit
-def chunk_prologue(table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr):
+def chunk_prologue(table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr,
+                   CHUNK: tl.constexpr):
     """What every program needs first: its table row, first element and the tensor's
     numel; lr in fp64 (from lr_ptr when given); the divisor of the grads (AMP scale, 1
     without) and their clip coefficient (1 without); and whether to run at all (False when
     GradScaler found an inf). Grads are used as grad / grad_div * clip, torch's order.
     Also the tensor index t and its step (fp32, already incremented for this step)."""
-    t, start = program_chunk(chunks_ptr)
+    t, start = program_chunk(chunks_ptr, CHUNK)
     row = table_ptr + t * ROW
     numel = tl.load(row + NUMEL)
     step = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))

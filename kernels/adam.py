@@ -101,7 +101,7 @@ def _adam_kernel(
 ):
     # which tensor, which part of it, and the shared per-step scalars
     row, t, start, numel, step, lr64, grad_div, clip, run = chunk_prologue(
-        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr
+        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, CHUNK
     )
     param_ptr, grad_ptr, master_ptr, seed = param_ptrs(
         row, t, step, seed, PARAM_DTYPE, GRAD_DTYPE, MASTER, ALIGNED
@@ -119,8 +119,6 @@ def _adam_kernel(
     bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
     decay = (1.0 - lr64 * as_f64(weight_decay)).to(tl.float32)
 
-    if ALIGNED:
-        start = tl.multiple_of(start, CHUNK)
     if run:
         # full chunks of aligned tensors take the unmasked (128-bit) path
         if ALIGNED and start + CHUNK <= numel:

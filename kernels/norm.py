@@ -44,11 +44,9 @@ def _grad_sq_partials_kernel(
         increment_steps_of(table_ptr, n_tensors, found_inf_ptr, 256)
     if c < n_chunks:
         row, t, start, numel, step, lr64, grad_div, clip, run = chunk_prologue(
-            table_ptr, chunks_ptr, 0.0, None, grad_scale_ptr, None, None
+            table_ptr, chunks_ptr, 0.0, None, grad_scale_ptr, None, None, CHUNK
         )
         grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
-        if ALIGNED:
-            start = tl.multiple_of(start, CHUNK)
         if ALIGNED and start + CHUNK <= numel:
             total = _sq_sum_chunk(grad_ptr, start, numel, grad_div, GRAD_DTYPE, False, CHUNK, BLOCK)
         else:

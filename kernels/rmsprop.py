@@ -93,7 +93,7 @@ def _rmsprop_kernel(
 ):
     # which tensor, which part of it, and the shared per-step scalars
     row, t, start, numel, step, lr64, grad_div, clip, run = chunk_prologue(
-        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr
+        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, CHUNK
     )
     param_ptr, grad_ptr, master_ptr, seed = param_ptrs(
         row, t, step, seed, PARAM_DTYPE, GRAD_DTYPE, MASTER, ALIGNED
@@ -107,8 +107,6 @@ def _rmsprop_kernel(
         grad_avg_ptr = field_ptr(row, STATE2, STATE_DTYPE, ALIGNED)
     lr32 = lr64.to(tl.float32)
 
-    if ALIGNED:
-        start = tl.multiple_of(start, CHUNK)
     if run:
         # full chunks of aligned tensors take the unmasked (128-bit) path
         if ALIGNED and start + CHUNK <= numel:
