@@ -90,6 +90,22 @@ def assert_state_matches(ours, theirs, params_ours, params_theirs, tol=FP32_TOL,
                 _compare(sa[key], sb[key], f"param {i} state {key}", tol, exact)
 
 
+def step_both(ours, theirs, params_ours, params_theirs, grads):
+    """The same grads to both param lists, then one step of each optimizer."""
+    set_grads(params_ours, grads)
+    set_grads(params_theirs, grads)
+    ours.step()
+    theirs.step()
+
+
+def continue_lockstep(ours, theirs, params_ours, params_theirs, steps, grads_from, tol=FP32_TOL, exact=False):
+    """For each s in steps: step_both with random grads drawn for grads_from at step s, then
+    assert_state_matches (for optimizers built elsewhere, e.g. from a loaded state_dict)."""
+    for s in steps:
+        step_both(ours, theirs, params_ours, params_theirs, random_grads(grads_from, s))
+        assert_state_matches(ours, theirs, params_ours, params_theirs, tol, exact)
+
+
 def _compare(a, b, what, tol, exact):
     assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} != {b.dtype}"
     assert a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}"
@@ -118,10 +134,7 @@ class Lockstep:
     def step(self, grads=None, skip=(), check=True):
         if grads is None:
             grads = random_grads(self.params_ours, self.steps, skip=skip)
-        set_grads(self.params_ours, grads)
-        set_grads(self.params_torch, grads)
-        self.ours.step()
-        self.torch.step()
+        step_both(self.ours, self.torch, self.params_ours, self.params_torch, grads)
         self.steps += 1
         if check:
             self.check()

@@ -12,6 +12,7 @@ from _util import (
     SmallModel,
     assert_state_matches,
     clone_params,
+    continue_lockstep,
     make_model,
     random_grads,
     set_grads,
@@ -202,14 +203,9 @@ INTEROP_KW = dict(lr=5e-3, momentum=0.9, centered=True, weight_decay=0.01)
 
 
 def _continue_lockstep(ours, theirs, pa, pb, first_step, n_steps):
-    for s in range(first_step, first_step + n_steps):
-        grads = random_grads(pa, s)
-        set_grads(pa, grads)
-        set_grads(pb, grads)
-        ours.step()
-        theirs.step()
-        # three-way criterion is not needed here: only 7 steps, modest cancellation
-        assert_state_matches(ours, theirs, pa, pb, dict(rtol=1e-4, atol=1e-5))
+    # three-way criterion is not needed here: only 7 steps, modest cancellation
+    continue_lockstep(ours, theirs, pa, pb, range(first_step, first_step + n_steps), grads_from=pa,
+                      tol=dict(rtol=1e-4, atol=1e-5))
 
 
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
@@ -259,13 +255,7 @@ def test_checkpoint_resume_bit_identical(device, tmp_path):
     p_b = [torch.nn.Parameter(t.clone().to(device)) for t in ckpt["params"]]
     b = adam_triton.RMSprop(p_b, **kw)
     b.load_state_dict(ckpt["opt"])
-    for s in range(3, 8):
-        grads = random_grads(params, s)
-        set_grads(p_full, grads)
-        set_grads(p_b, grads)
-        full.step()
-        b.step()
-        assert_state_matches(b, full, p_b, p_full, exact=True)
+    continue_lockstep(b, full, p_b, p_full, range(3, 8), grads_from=params, exact=True)
     assert float(b.state[p_b[0]]["step"]) == 8.0
 
 

@@ -11,6 +11,7 @@ from _util import (
     Lockstep,
     assert_state_matches,
     clone_params,
+    continue_lockstep,
     make_model,
     random_grads,
     set_grads,
@@ -83,13 +84,7 @@ def test_torch_state_dict_loads_into_ours(device, amsgrad):
         assert step.dtype == torch.float32 and step.dim() == 0 and step.device == p.device
         assert set(oa.state[p]) == _expected_keys(amsgrad)
     assert_state_matches(oa, tb, ours, theirs, exact=True)
-    for s in range(3, 8):
-        grads = random_grads(params, s)
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        oa.step()
-        tb.step()
-        assert_state_matches(oa, tb, ours, theirs)
+    continue_lockstep(oa, tb, ours, theirs, range(3, 8), grads_from=params)
     assert float(oa.state[ours[0]]["step"]) == 8
 
 
@@ -103,13 +98,7 @@ def test_our_state_dict_loads_into_torch(device, amsgrad):
     tb = torch_adam(_groups(theirs), **_kw(amsgrad))
     tb.load_state_dict(_copied(oa.state_dict()))
     assert_state_matches(oa, tb, ours, theirs, exact=True)
-    for s in range(3, 8):
-        grads = random_grads(params, s)
-        set_grads(ours, grads)
-        set_grads(theirs, grads)
-        oa.step()
-        tb.step()
-        assert_state_matches(oa, tb, ours, theirs)
+    continue_lockstep(oa, tb, ours, theirs, range(3, 8), grads_from=params)
     assert float(tb.state[theirs[0]]["step"]) == 8
 
 
