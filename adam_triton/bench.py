@@ -736,13 +736,9 @@ def run_bench(args):
         workloads = ["demo"]
         print(f"Interpreter demo on the CPU: {DEMO_NOTE}. Workload: {len(DEMO_SHAPES)} tiny tensors.")
     else:
-        if not torch.cuda.is_available():
-            print(NO_GPU_BENCH)
-            return 0
-        if tuning.interpreter_on():
-            print(INTERPRETER_SET.format(cmd="bench", verb="time"), file=sys.stderr)
-            return 2
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = _cuda_device_or_exit_code(NO_GPU_BENCH, cmd="bench", verb="time")
+        if isinstance(device, int):
+            return device
         workloads = expand_workloads(args.workload)
     variants = [VARIANTS[n] for n in _selected_variants(args.variant)]
     impls = IMPLS if "all" in args.impl else tuple(args.impl)
@@ -979,16 +975,24 @@ def plot(report, path):
 # ---------------------------------------------------------------------------------------------
 
 
+def _cuda_device_or_exit_code(no_gpu_message, cmd, verb):
+    """The current CUDA device, or the exit code after saying why not: 0 without a GPU,
+    2 when TRITON_INTERPRET is set (the kernels would run through the interpreter)."""
+    if not torch.cuda.is_available():
+        print(no_gpu_message)
+        return 0
+    if tuning.interpreter_on():
+        print(INTERPRETER_SET.format(cmd=cmd, verb=verb), file=sys.stderr)
+        return 2
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def run_tune(args):
     """The `tune` subcommand: tune every kernel key the chosen workloads hit, store the winners
     in the per-device cache file; returns the exit code."""
-    if not torch.cuda.is_available():
-        print(NO_GPU_TUNE)
-        return 0
-    if tuning.interpreter_on():
-        print(INTERPRETER_SET.format(cmd="tune", verb="tune on"), file=sys.stderr)
-        return 2
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = _cuda_device_or_exit_code(NO_GPU_TUNE, cmd="tune", verb="tune on")
+    if isinstance(device, int):
+        return device
     path = tuning.cache_path(device)
     print(f"tuning for {tuning.device_name(device)} (triton {_versions()['triton']}); cache file {path}")
     report = {"meta": {"tool": "adam-triton tune", "device": _device_info(device), **_versions(),
