@@ -202,8 +202,8 @@ def adam8bit_step(
 
     exp_avgs, exp_avg_sqs, max_exp_avg_sqs hold (codes, absmax) pairs: exp_avg on the signed
     dynamic map, exp_avg_sq and max_exp_avg_sq on the unsigned one (max_exp_avg_sqs may be
-    None unless amsgrad). Per element, in fp32, with every product and sum rounded on its
-    own (no fused multiply-add), in this order:
+    None unless amsgrad). Per element, in fp32, every product, sum, quotient and sqrt
+    rounded on its own to nearest (IEEE; no fused multiply-add), in this order:
         m, v, vmax = dequantized states;  g = ±grad / grad_scale
         L2: g = g + wd·p   or decoupled: p = p · fp32(1 - lr·wd)
         m = lerp(m, g, w), w = fp32(1 - b1): m + w (g - m) if w < 0.5 else g - (g - m)(1 - w)
@@ -246,7 +246,9 @@ def adam8bit_step(
         if amsgrad:
             vmax = torch.maximum(dequantize_blockwise(*max_exp_avg_sqs[i], unsigned_map, block_size), v)
             second = vmax
-        p = p - step_size * (m / (torch.sqrt(second) / bc2_sqrt + eps32))
+        # sqrt correctly rounded (through fp64): torch's fp32 CPU sqrt is off by 1 ulp at times
+        root = second.double().sqrt().float()
+        p = p - step_size * (m / (root / bc2_sqrt + eps32))
         param.copy_(p)
         for (codes, absmax), new, qmap in [(exp_avgs[i], m, signed_map), (exp_avg_sqs[i], v, unsigned_map)] + (
             [(max_exp_avg_sqs[i], vmax, unsigned_map)] if amsgrad else []

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 INF = tl.constexpr(float("inf"))
-NAN = tl.constexpr(float("nan"))
+NAN_BITS = tl.constexpr(0x7FC00000)  # a NaN global would never compare equal to itself (Triton rejects it)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 THRESHOLDS = tl.constexpr(256)  # offset of a table's decision points from its values
 
@@ -48,7 +48,7 @@ def block_absmax(x, mask):
     if mask is not None:
         a = tl.where(mask, a, 0.0)
     m = tl.max(a, axis=1)
-    return tl.where(m <= FLT_MAX, m, NAN)
+    return tl.where(m <= FLT_MAX, m, tl.full(m.shape, NAN_BITS, tl.int32).to(tl.float32, bitcast=True))
 
 
 @triton.jit
