@@ -5,6 +5,7 @@ high-precision reference), one tensor at a time, in the order of torch.optim's
 single-tensor implementations. `steps` are 0-d tensors incremented here, first.
 """
 
+import functools
 import math
 
 import torch
@@ -118,13 +119,19 @@ def upcast_step(step_fn, tensor_lists, steps, compute_dtype, **hyper):
 # ---------------------------------------------------------------------------------------
 
 def dynamic_map(signed):
-    """The 256 sorted fp32 values of the 8-bit dynamic quantization map.
+    """The 256 sorted fp32 values of the 8-bit dynamic quantization map (a new tensor).
 
     Seven decades k = 0..6: the midpoints of n + 1 fp32 points evenly spaced over [0.1, 1]
     (torch.linspace), times 10^(k-6) in fp32, with n = 2^k per sign (signed) or 2^(k+1)
-    (unsigned); plus 0 and 1. Signed: 127 negative values down to -0.99297 (no -1), 0 at code 127, 127
-    positive values and 1 at code 255. Unsigned: 0 at code 0, 254 positive values, 1 at 255.
-    Every value is distinct; the smallest non-zero magnitude is 5.5e-7 (signed) / 3.25e-7."""
+    (unsigned); plus 0 and 1. Signed: 127 negative values down to -0.99297 (no -1), 0 at
+    code 127, 127 positive values and 1 at code 255. Unsigned: 0 at code 0, 254 positive
+    values, 1 at code 255. Every value is distinct; the smallest non-zero magnitude is 5.5e-7
+    (signed) / 3.25e-7 (unsigned)."""
+    return torch.tensor(_dynamic_map_values(bool(signed)), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def _dynamic_map_values(signed):
     values = [0.0, 1.0]
     for k in range(7):
         n = 2**k if signed else 2 ** (k + 1)
@@ -135,7 +142,7 @@ def dynamic_map(signed):
         if signed:
             values += (-decade).tolist()
     assert len(values) == 256
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    return tuple(sorted(values))
 
 
 def code_thresholds(qmap):

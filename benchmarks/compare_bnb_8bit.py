@@ -14,6 +14,7 @@ Both start from the same fp32 param and zero states and take the same seeded gra
                          ours torch's lerp formula), straddling a decision point; or
               other:     anything else (expected 0).
             The replica of bitsandbytes' fp32 values is checked against its absmax (all equal).
+Last, the quantizers alone (bitsandbytes', and torchao's where installed) on 2^20 values.
 Numbers are printed, and returned by compare() for tests/test_adam8bit.py.
 """
 
@@ -58,7 +59,8 @@ def compare(numel=65536, steps=10, seed=0):
     torch.manual_seed(seed)
     p0 = torch.randn(numel) * 0.02
     grads = _grads(numel, steps, seed + 1)
-    out = dict(numel=numel, steps=steps, blocks=-(-numel // 256), bnb_version=bnb.__version__, **HYPER)
+    out = dict(numel=numel, steps=steps, blocks=-(-numel // 256), bnb_version=bnb.__version__,
+               torch_version=torch.__version__, device="cpu", **HYPER)
 
     # free-running
     pb = p0.clone().requires_grad_()
@@ -147,6 +149,22 @@ def compare(numel=65536, steps=10, seed=0):
                            max_code_distance=int((ours.int() - theirs.int()).abs().max()),
                            absmax_equal=_agree(absmax, absmax_b), blocks=absmax.numel())
     out["quantizer_only"] = quant
+    try:  # torchao's quantizer on the same values, where torchao is installed
+        from torchao.optim.quant_utils import quantize_8bit_with_qmap, scale_tensor
+        import torchao
+
+        out["torchao_version"] = torchao.__version__
+        gen = torch.Generator().manual_seed(seed + 2)
+        for name, qmap, x in [("signed", qs, torch.randn(1 << 20, generator=gen)),
+                              ("unsigned", qu, torch.randn(1 << 20, generator=gen) ** 2)]:
+            ours, absmax = ref.quantize_blockwise(x, qmap)
+            scaled, scale = scale_tensor(x, 256)
+            theirs = quantize_8bit_with_qmap(scaled, qmap)
+            quant[name]["torchao_codes_equal"] = _agree(ours, theirs)
+            quant[name]["torchao_max_code_distance"] = int((ours.int() - theirs.int()).abs().max())
+            quant[name]["torchao_absmax_equal"] = _agree(absmax, scale)
+    except ImportError:
+        pass
     return out
 
 
