@@ -19,7 +19,7 @@ import torch
 from . import tuning
 from ._clip import clip_coefficients
 from ._plan import Plan
-from ._state import restore_loaded, state_bytes_per_param
+from ._state import Slot, restore_loaded, state_bytes_per_param, state_dtype_for
 from ._tables import TensorTable, chunk_table
 from ._tensors import KERNEL_DTYPES
 from ._torch_path import run_bucket
@@ -133,16 +133,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._launch(bucket, t, hyper.table, grad_scale, found_inf, clip_coef)
 
     # -- the kernel path's choices ----------------------------------------------------------
-    def _slot_keys(self, group):
-        """State keys of the algorithm's three kernel slots (the fourth is the master's)."""
+    def _slots(self, group, param):
+        """The state buffers the kernel reads for param, in its slot order (None: unused):
+        state_keys(group), in the optimizer's state dtype, shaped like the param. (The fp32
+        master copy is every optimizer's, in a table field of its own.)"""
+        dtype = state_dtype_for(self, param)
         keys = list(self.state_keys(group))
-        return keys + [None] * (3 - len(keys))
+        keys += [None] * (3 - len(keys))  # three lists for the reference: (m, v, vmax), (v, buf, ga)
+        return [None if key is None else Slot(key, dtype) for key in keys]
 
     @staticmethod
     def _uses_kernel(group, device, dtypes):
+        """dtypes: the param's, the grad's and each state buffer's."""
         if group.get("fused") is False:
             return False  # fused=False asks for the unfused (PyTorch) path
-        if any(d not in KERNEL_DTYPES for d in dtypes):
+        if any(d not in KERNEL_DTYPES and d != torch.uint8 for d in dtypes):
             return False  # float64 params take the PyTorch path (the kernels compute in fp32)
         if device.type == "cuda":
             return True
@@ -167,11 +172,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             return t.data_ptr()
 
         step = torch.ones((), device=device)
-        slots = [s is not None for s in bucket.entries[0].kslots]
-        gi = bucket.entries[0].gi
+        first = bucket.entries[0]
         rows = [
-            (n, step.data_ptr(), gi, rand(n, p_dtype), rand(n, g_dtype),
-             *[rand(n, torch.float32 if k == 3 else s_dtype) if used else 0 for k, used in enumerate(slots)])
+            (n, step.data_ptr(), first.gi, rand(n, p_dtype), rand(n, g_dtype),
+             0 if first.kmaster is None else rand(n, torch.float32),
+             *[0 if s is None else rand(n, s.dtype) for s in first.kslots])
             for n in tuning.scratch_numels([e.kparam.numel() for e in bucket.entries])
         ]
         scratch = TensorTable([list(c) for c in zip(*rows)], device)

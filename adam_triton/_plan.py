@@ -20,7 +20,7 @@ from itertools import chain
 import torch
 
 from . import tuning
-from ._state import MASTER_KEY, init_state, state_dtype_for, wants_master
+from ._state import MASTER_KEY, init_state, master_slot, wants_master
 from ._tables import GRAD, HyperTable, TensorTable, chunk_table
 from ._tensors import KERNEL_DTYPES, is_dtensor, local, real, sharding, tl_dtype
 from ._validate import check_flags, check_param, check_state
@@ -35,15 +35,17 @@ class Entry:
     """One param with a grad, as its launch sees it: its kernel views (real, local,
     contiguous; staged copies where the original is not) and where they came from."""
 
-    __slots__ = ("gi", "pi", "param", "grad", "state", "step", "slots", "kparam", "kgrad", "kslots",
-                 "staged", "grad_buf", "source", "grad_source", "bucket", "grad_kind")
+    __slots__ = ("gi", "pi", "param", "grad", "state", "step", "slots", "master", "kparam", "kgrad", "kslots",
+                 "kmaster", "staged", "grad_buf", "source", "grad_source", "bucket", "grad_kind")
 
-    def __init__(self, gi, pi, param, grad, state, slots, step):
-        self.gi, self.pi, self.param, self.state, self.slots, self.step = gi, pi, param, state, slots, step
+    def __init__(self, gi, pi, param, grad, state, slots, master, step):
+        self.gi, self.pi, self.param, self.state, self.step = gi, pi, param, state, step
+        self.slots, self.master = slots, master  # the algorithm's state tensors (or None), the master copy
         self.bucket = None
         self.staged = []  # (original, contiguous copy): copied in before, and back after, each step
         self.kparam = self._view(param)
         self.kslots = [None if s is None else self._view(s) for s in slots]
+        self.kmaster = None if master is None else self._view(master)
         # the storage the param's pointer came from, held so its address cannot be reused
         self.source = local(param).detach()
         self.grad_buf = None
@@ -99,11 +101,11 @@ class Entry:
 class Bucket:
     """Tensors that share one launch (kernel) or one call of the reference (PyTorch path)."""
 
-    __slots__ = ("kernel", "device", "dtypes", "master", "stochastic", "flags", "sharding", "entries",
-                 "group", "tables", "chunks", "n_chunks", "config", "steps_done")
+    __slots__ = ("kernel", "device", "dtypes", "slot_keys", "master", "stochastic", "flags", "sharding",
+                 "entries", "group", "tables", "chunks", "n_chunks", "config", "steps_done")
 
-    def __init__(self, kernel, device, dtypes, master, stochastic, flags, sharding, group):
-        self.kernel, self.device, self.dtypes = kernel, device, dtypes
+    def __init__(self, kernel, device, dtypes, slot_keys, master, stochastic, flags, sharding, group):
+        self.kernel, self.device, self.dtypes, self.slot_keys = kernel, device, dtypes, slot_keys
         self.master, self.stochastic, self.flags, self.sharding = master, stochastic, flags, sharding
         self.group = group  # the param group (PyTorch path buckets hold one group)
         self.entries = []
@@ -113,13 +115,14 @@ class Bucket:
 
     @property
     def tl_dtypes(self):
+        """Triton dtypes of the param, the grad and the first state buffer."""
         return tuple(tl_dtype(d) for d in self.dtypes)
 
     def fields(self):
         """The tensor table's fields, one list per field (kernels/_common.py's order)."""
         rows = [
             (e.kparam.numel(), e.step.data_ptr(), e.gi, e.kparam.data_ptr(), e.kgrad.data_ptr(),
-             *[0 if s is None else s.data_ptr() for s in e.kslots])
+             0 if e.kmaster is None else e.kmaster.data_ptr(), *[0 if s is None else s.data_ptr() for s in e.kslots])
             for e in self.entries
         ]
         return [list(col) for col in zip(*rows)]
@@ -150,16 +153,11 @@ class Plan:
                 if p.grad is not None:
                     check_param(opt, gi, pi, p, p.grad)
                     work.append((gi, pi, p))
-        slot_keys = [opt._slot_keys(group) for group in groups]
-
-        def keys(gi, p, st):  # the master slot where this param has (or is to get) a master copy
-            master = wants_master(opt, p) and (st is None or MASTER_KEY in st)
-            return slot_keys[gi] + [MASTER_KEY if master else None]
-
         for gi, pi, p in work:  # existing state, before any new state is created
             st = opt.state.get(p)
             if st:
-                check_state(opt, gi, pi, p, st, keys(gi, p, st), state_dtype_for(opt, p), True)
+                master = master_slot(opt, p) if MASTER_KEY in st else None  # (else created below)
+                check_state(opt, gi, pi, p, st, [*opt._slots(groups[gi], p), master], True)
         buckets = {}
         for gi, pi, p in work:
             group, st = groups[gi], opt.state[p]
@@ -167,20 +165,22 @@ class Plan:
                 init_state(opt, p, st, group)
             elif wants_master(opt, p) and MASTER_KEY not in st:
                 st[MASTER_KEY] = p.detach().to(torch.float32, copy=True)
-            slots, step = check_state(opt, gi, pi, p, st, keys(gi, p, None), state_dtype_for(opt, p), True)
-            e = Entry(gi, pi, p, p.grad, st, slots, step)
-            ref = next((s for s in e.kslots[:3] if s is not None), e.kparam)
-            dtypes = (e.kparam.dtype, e.kgrad.dtype, ref.dtype)
+            slots = opt._slots(group, p)
+            *tensors, master, step = check_state(opt, gi, pi, p, st, [*slots, master_slot(opt, p)], True)
+            e = Entry(gi, pi, p, p.grad, st, tensors, master, step)
+            slot_dtypes = tuple(None if t is None else t.dtype for t in e.kslots)
+            dtypes = (e.kparam.dtype, e.kgrad.dtype, next((d for d in slot_dtypes if d is not None), e.kparam.dtype))
             device = e.kparam.device
-            kernel = opt._uses_kernel(group, device, dtypes)
-            master = slots[3] is not None
+            kernel = opt._uses_kernel(group, device, (*dtypes[:2], *filter(None, slot_dtypes)))
             flags = opt._flags(group)
-            key = (kernel, device, dtypes, master, sharding(p), flags, None if kernel else gi)
+            slot_keys = tuple(None if s is None else s.key for s in slots)
+            key = (kernel, device, dtypes, slot_keys, slot_dtypes, master is not None, sharding(p), flags,
+                   None if kernel else gi)
             b = buckets.get(key)
             if b is None:
-                stochastic = opt.stochastic_rounding and dtypes[0] == torch.bfloat16 and not master
-                b = buckets[key] = Bucket(kernel, device, dtypes, master, stochastic, flags, sharding(p),
-                                          None if kernel else group)
+                stochastic = opt.stochastic_rounding and dtypes[0] == torch.bfloat16 and master is None
+                b = buckets[key] = Bucket(kernel, device, dtypes, slot_keys, master is not None, stochastic, flags,
+                                          sharding(p), None if kernel else group)
             b.entries.append(e)
             e.bucket = b
         plan.buckets = list(buckets.values())
@@ -196,7 +196,8 @@ class Plan:
 
     def _upload(self, opt, b):
         numels = [e.kparam.numel() for e in b.entries]
-        tune_key = (opt.kernel_name, str(b.device), (*b.dtypes, b.master), b.flags, tuning.size_class(numels))
+        tune_key = (opt.kernel_name, str(b.device), (*b.dtypes, b.master), b.slot_keys, b.flags,
+                    tuning.size_class(numels))
         b.config = tuning.config_for(tune_key, lambda config: opt._bench_scratch(b, self.hyper[b.device], config))
         b.tables = TensorTable(b.fields(), b.device)
         b.chunks, b.n_chunks = chunk_table(numels, b.config["CHUNK"], b.device)
@@ -317,7 +318,7 @@ def _still_holds(e):
     grad = real(e.grad)
     if e.grad_buf is None and grad.data_ptr() != e.kgrad.data_ptr():
         return False
-    for s, k in zip(e.slots, e.kslots):
+    for s, k in zip((*e.slots, e.master), (*e.kslots, e.kmaster)):
         if s is not None and not e.staged and real(s).data_ptr() != k.data_ptr():
             return False
     return True

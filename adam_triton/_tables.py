@@ -14,8 +14,8 @@ asynchronous copies from fresh host tensors (never a host sync).
 import numpy as np
 import torch
 
-# fields of the tensor table (kernels/_common.py: NUMEL, STEP, GROUP, PARAM, GRAD, STATE0..)
-NUMEL, STEP, GROUP, PARAM, GRAD, STATE0 = 0, 1, 2, 3, 4, 5
+# fields of the tensor table (kernels/_common.py: NUMEL, STEP, GROUP, PARAM, GRAD, MASTER_COPY, STATE0..)
+NUMEL, STEP, GROUP, PARAM, GRAD, MASTER_COPY, STATE0 = 0, 1, 2, 3, 4, 5, 6
 N_LR = 3  # hyperparameter columns every row starts with: lr, fp32 lr address, fp64 lr address
 
 

@@ -40,4 +40,5 @@ def tl_dtype(dtype):
     """The Triton dtype of a torch storage dtype the kernels take."""
     import triton.language as tl
 
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.uint8: tl.uint8}[dtype]

@@ -18,12 +18,12 @@ def run_bucket(opt, bucket, grad_scale, found_inf, clip):
         grads = [g.to(compute) / (1.0 if grad_scale is None else grad_scale) * coef for g in grads]
         grad_scale = None
     if bucket.master:
-        targets = [e.kslots[3] for e in entries]
+        targets = [e.kmaster for e in entries]
     elif bucket.stochastic:
         targets = [p.to(torch.float32) for p in params]
     else:
         targets = params
-    lists = [targets, grads] + [[e.kslots[k] for e in entries] for k in range(3)]
+    lists = [targets, grads] + [[e.kslots[k] for e in entries] for k in range(len(bucket.slot_keys))]
     lists = [None if all(t is None for t in lst) else lst for lst in lists]
     steps = [e.step for e in entries]
     opt._reference(bucket.group, lists, steps, grad_scale, compute)

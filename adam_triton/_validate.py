@@ -64,11 +64,11 @@ class StateError(KeyError, RuntimeError):
         return str(self.args[0])
 
 
-def check_state(opt, gi, pi, p, state, keys, expected_dtype, on_device):
-    """The state tensors of p in kernel slot order (None for an unused slot), after checking
-    that each key is present and its tensor matches p: numel, dtype (expected_dtype; the
-    fp32 master and step are float32), device; `step` a 1-element float32 tensor (on p's
-    device when on_device). Raises StateError naming the param and the key."""
+def check_state(opt, gi, pi, p, state, slots, on_device):
+    """The state tensors of p for slots (Slot or None, in kernel order; None gives None),
+    then its step, after checking that each key is present and its tensor matches its slot and p: numel,
+    dtype, device, layout; `step` a 1-element float32 tensor (on p's device when on_device).
+    Raises StateError naming the param and the key."""
     what = describe(gi, pi, p)
     name = type(opt).__name__
     step = state.get("step")
@@ -79,28 +79,28 @@ def check_state(opt, gi, pi, p, state, keys, expected_dtype, on_device):
             f"{name}: state 'step' of {what} must be a 1-element float32 tensor"
             + (f" on {local(p).device}" if on_device else "") + f", not {_describe_value(step)}"
         )
-    slots = []
-    for k, key in enumerate(keys):
-        if key is None:
-            slots.append(None)
+    tensors = []
+    for slot in slots:
+        if slot is None:
+            tensors.append(None)
             continue
-        if key not in state:
+        if slot.key not in state:
             raise StateError(
-                f"{name}: {what} has no state '{key}' (state keys: {sorted(state)}); the param group's "
-                "options ask for it, and the state was created or loaded without it"
+                f"{name}: {what} has no state '{slot.key}' (state keys: {sorted(state)}); the param "
+                "group's options ask for it, and the state was created or loaded without it"
             )
-        t = state[key]
-        want = torch.float32 if k == 3 else expected_dtype
-        ok = (isinstance(t, torch.Tensor) and t.numel() == p.numel() and t.dtype == want
-              and is_dtensor(t) == is_dtensor(p) and local(t).device == local(p).device
-              and t.layout == torch.strided)
+        t = state[slot.key]
+        numel = slot.numel(p)
+        ok = (isinstance(t, torch.Tensor) and t.numel() == numel and t.dtype == slot.dtype
+              and (slot.shape is not None or is_dtensor(t) == is_dtensor(p))
+              and local(t).device == local(p).device and t.layout == torch.strided)
         if not ok:
             raise StateError(
-                f"{name}: state '{key}' of {what} is {_describe_value(t)}; expected a {want} tensor "
-                f"of {p.numel()} elements on {local(p).device}"
+                f"{name}: state '{slot.key}' of {what} is {_describe_value(t)}; expected a {slot.dtype} "
+                f"tensor of {numel} elements on {local(p).device}"
             )
-        slots.append(t)
-    return slots, step
+        tensors.append(t)
+    return (*tensors, step)
 
 
 def _describe_value(t):

@@ -15,18 +15,20 @@ CHUNK elements of one tensor.
 import triton
 import triton.language as tl
 
-# Fields (rows) of the tensor table. STATE0..STATE3 are the algorithm's state buffers, in
-# the order its kernel documents; an unused slot holds 0.
+# Fields (rows) of the tensor table: six every kernel has, then the algorithm's state
+# buffers STATE0, STATE1, ... in the order its kernel documents; an unused one holds 0.
 NUMEL = tl.constexpr(0)
 STEP = tl.constexpr(1)  # address of the tensor's fp32 step
 GROUP = tl.constexpr(2)  # row of the hyperparameter table
 PARAM = tl.constexpr(3)
 GRAD = tl.constexpr(4)
-STATE0 = tl.constexpr(5)
-STATE1 = tl.constexpr(6)
-STATE2 = tl.constexpr(7)
-STATE3 = tl.constexpr(8)
-N_FIELDS = tl.constexpr(9)
+MASTER_COPY = tl.constexpr(5)  # the fp32 master copy of a bf16/fp16 param (master_weights), or 0
+STATE0 = tl.constexpr(6)
+STATE1 = tl.constexpr(7)
+STATE2 = tl.constexpr(8)
+STATE3 = tl.constexpr(9)
+STATE4 = tl.constexpr(10)
+STATE5 = tl.constexpr(11)
 
 # Columns every hyperparameter row starts with; an algorithm's own columns follow.
 LR = tl.constexpr(0)  # float64 learning rate (used when no lr tensor is given)
@@ -116,13 +118,14 @@ def field_ptr(table_ptr, n_rows, t, FIELD: tl.constexpr, DTYPE: tl.constexpr, AL
 @triton.jit
 def param_ptrs(table_ptr, n_rows, t, step, seed, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
                MASTER: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointers every update kernel uses: param, grad and the fp32 master (slot STATE3 when
-    MASTER, else the param again), and the stochastic-rounding seed of this (step, tensor)."""
+    """Pointers every update kernel uses: param, grad and the fp32 master (field MASTER_COPY
+    when MASTER, else the param again), and the stochastic-rounding seed of this (step,
+    tensor)."""
     param_ptr = field_ptr(table_ptr, n_rows, t, PARAM, PARAM_DTYPE, ALIGNED)
     grad_ptr = field_ptr(table_ptr, n_rows, t, GRAD, GRAD_DTYPE, ALIGNED)
     master_ptr = param_ptr
     if MASTER:
-        master_ptr = field_ptr(table_ptr, n_rows, t, STATE3, tl.float32, ALIGNED)
+        master_ptr = field_ptr(table_ptr, n_rows, t, MASTER_COPY, tl.float32, ALIGNED)
     return param_ptr, grad_ptr, master_ptr, rounding_seed(seed, step, t)
 
 
@@ -229,7 +232,7 @@ def increment_steps_of(table_ptr, n_rows, found_inf_ptr, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _increment_steps_kernel(
-    table_ptr,  # int64 [N_FIELDS, n_rows] tensor table; field STEP holds fp32 step pointers
+    table_ptr,  # int64 [n_fields, n_rows] tensor table; field STEP holds fp32 step pointers
     n_rows,  # tensors in the table
     found_inf_ptr,  # fp32 flag from GradScaler (None: no scaler); non-zero skips the increment
     BLOCK: tl.constexpr,

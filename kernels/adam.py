@@ -91,7 +91,7 @@ def _adam_chunk(
 
 @triton.jit(do_not_specialize=["n_rows", "seed"])
 def _adam_kernel(
-    table_ptr,  # int64 [N_FIELDS, n_rows]: numel, step, group, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
+    table_ptr,  # int64 [n_fields, n_rows]: numel, step, group, param, grad, master, exp_avg, exp_avg_sq, max_exp_avg_sq
     n_rows,  # tensors in the table
     chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
     hyper_ptr,  # int64 [n_groups, N_HYPER]: lr, lr tensor pointers, betas, eps, weight_decay, log2(betas)
@@ -101,7 +101,7 @@ def _adam_kernel(
     seed,  # int: stochastic-rounding seed (mixed with step and tensor index)
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
-    MASTER: tl.constexpr,  # STATE3 holds an fp32 master copy of the (bf16/fp16) param
+    MASTER: tl.constexpr,  # field MASTER_COPY holds an fp32 master copy of the (bf16/fp16) param
     STOCHASTIC: tl.constexpr,  # round bf16 param stores stochastically
     ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,

@@ -30,7 +30,7 @@ def _sq_sum_chunk(grad_ptr, start, numel, grad_div, GRAD_DTYPE: tl.constexpr,
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _grad_sq_partials_kernel(
-    table_ptr,  # int64 [N_FIELDS, n_rows] tensor table of the bucket
+    table_ptr,  # int64 [n_fields, n_rows] tensor table of the bucket
     n_rows,  # tensors in the table
     chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
     partials_ptr,  # fp32 output, one value per chunk (already offset to this bucket's base)

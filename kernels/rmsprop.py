@@ -83,7 +83,7 @@ def _rmsprop_chunk(
 
 @triton.jit(do_not_specialize=["n_rows", "seed"])
 def _rmsprop_kernel(
-    table_ptr,  # int64 [N_FIELDS, n_rows]: numel, step, group, param, grad, square_avg, momentum_buffer, grad_avg
+    table_ptr,  # int64 [n_fields, n_rows]: numel, step, group, param, grad, master, square_avg, momentum_buffer, grad_avg
     n_rows,  # tensors in the table
     chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
     hyper_ptr,  # int64 [n_groups, N_HYPER]: lr, lr tensor pointers, alpha, eps, weight_decay, momentum
@@ -94,7 +94,7 @@ def _rmsprop_kernel(
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
-    MASTER: tl.constexpr,  # STATE3 holds an fp32 master copy of the (bf16/fp16) param
+    MASTER: tl.constexpr,  # field MASTER_COPY holds an fp32 master copy of the (bf16/fp16) param
     STOCHASTIC: tl.constexpr,  # round bf16 param stores stochastically
     ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,

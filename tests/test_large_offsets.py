@@ -48,8 +48,9 @@ def test_offsets_past_int32(device, aligned, amsgrad, wd_mode):
     def shifted(t):
         return t.data_ptr() - shift
 
-    row = [k_shift + n, step.data_ptr(), 0, shifted(views["param"]), shifted(views["grad"]),
-           shifted(views["m"]), shifted(views["v"]), shifted(views["vmax"]) if amsgrad else 0, 0]
+    # fields: numel, step, group, param, grad, master (none), exp_avg, exp_avg_sq, max_exp_avg_sq
+    row = [k_shift + n, step.data_ptr(), 0, shifted(views["param"]), shifted(views["grad"]), 0,
+           shifted(views["m"]), shifted(views["v"]), shifted(views["vmax"]) if amsgrad else 0]
     table = TensorTable([[v] for v in row], device)
     chunks, n_chunks = chunk_table([n], chunk, device)
     chunks[:, 1] += k_shift  # every chunk starts past 2**31
