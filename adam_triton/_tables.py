@@ -1,40 +1,61 @@
-"""Host side of the multi-tensor launch: tensor tables and chunk tables, cached per bucket.
+"""The device tables of one launch (their layouts are in kernels/_common.py).
 
-A bucket is every tensor of one param group that shares (device, param dtype, grad dtype,
-state dtype). Its tensor table holds one int64 row per tensor (see kernels/_common.py for
-the columns); its chunk table maps each kernel program to (tensor, first element). Both are
-cached and rebuilt only when a data pointer or a size changes: grads are often reallocated
-every step; params and states move on load_state_dict, .to() or resharding. Caches are keyed
-on data_ptr()s, never on id().
+* tensor table: int64 [n_fields, n_tensors], one row per field (numel, step, group, param,
+  grad, state slots), so one field of every tensor (the grad pointers, after `zero_grad()`)
+  is rewritten with one contiguous copy;
+* chunk table: int64 [n_chunks, 2] of (tensor index, first element), one row per program;
+* hyperparameter table: int64 [n_groups, n_hyper], a row per param group, floats as their
+  float64 bit patterns and lr tensors as addresses.
+
+Host copies are kept, so a field or a row is uploaded only when it changed. Uploads are
+asynchronous copies from fresh host tensors (never a host sync).
 """
 
+import numpy as np
 import torch
 
-ROW = 8  # columns of a table row: numel, step, param, grad, state0..state3
+# fields of the tensor table (kernels/_common.py: NUMEL, STEP, GROUP, PARAM, GRAD, MASTER_COPY, STATE0..)
+NUMEL, STEP, GROUP, PARAM, GRAD, MASTER_COPY, STATE0 = 0, 1, 2, 3, 4, 5, 6
+N_LR = 3  # hyperparameter columns every row starts with: lr, fp32 lr address, fp64 lr address
 
 
-class BucketTables:
-    """The device-side tables of one bucket, rebuilt only when their contents change."""
+def _upload(host, device):
+    """A device copy of a host tensor (an independent copy on the CPU too)."""
+    if device.type == "cpu":
+        return host.clone()
+    return host.to(device, non_blocking=True)
 
-    __slots__ = ("rows", "table", "numels", "chunk", "chunks", "n_chunks", "aligned")
 
-    def __init__(self):
-        self.rows = None
-        self.numels = None
-        self.chunk = None
+def _aligned(values):
+    """Every address in values (ints, or an int64 tensor) a multiple of 16."""
+    if not isinstance(values, torch.Tensor):
+        values = torch.tensor(values, dtype=torch.int64)
+    return not bool((values & 15).any())
 
-    def update(self, rows, device, chunk):
-        """rows: list of ROW-int tuples. Returns self with table/chunks current."""
-        if rows != self.rows:
-            self.table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-            # 16-byte alignment of every data pointer allows 128-bit unmasked accesses
-            self.aligned = all(ptr % 16 == 0 for row in rows for ptr in row[2:])
-            self.rows = rows
-        numels = [row[0] for row in rows]
-        if numels != self.numels or chunk != self.chunk:
-            self.chunks, self.n_chunks = chunk_table(numels, chunk, device)
-            self.numels, self.chunk = numels, chunk
-        return self
+
+class TensorTable:
+    """The tensor table of one bucket. `fields` holds one list of ints per field."""
+
+    __slots__ = ("host", "table", "n_rows", "device", "_aligned")
+
+    def __init__(self, fields, device):
+        self.host = torch.tensor(fields, dtype=torch.int64)
+        self.table = _upload(self.host, device)
+        self.n_rows = len(fields[0])
+        self.device = device
+        # 16-byte alignment of every data pointer allows 128-bit unmasked accesses
+        self._aligned = {f: _aligned(self.host[f]) for f in range(PARAM, len(fields))}
+
+    @property
+    def aligned(self):
+        return all(self._aligned.values())
+
+    def set_field(self, field, values):
+        """Rewrite one field of every tensor (one host-to-device copy)."""
+        row = torch.tensor(values, dtype=torch.int64)
+        self.host[field] = row
+        self.table[field].copy_(row, non_blocking=True)
+        self._aligned[field] = _aligned(row)
 
 
 def chunk_table(numels, chunk, device):
@@ -46,4 +67,34 @@ def chunk_table(numels, chunk, device):
     first_chunk = torch.cumsum(counts, 0) - counts
     starts = (torch.arange(n_chunks, dtype=torch.int64) - first_chunk[tensor_index]) * chunk
     table = torch.stack([tensor_index, starts], dim=1).contiguous()
-    return table.to(device, non_blocking=True), n_chunks
+    return _upload(table, device), n_chunks
+
+
+class HyperTable:
+    """The hyperparameter table of one device: row g is param group g's
+    [lr, fp32 lr address, fp64 lr address, *the algorithm's float columns]."""
+
+    __slots__ = ("rows", "table", "device")
+
+    def __init__(self, device):
+        self.rows = None
+        self.table = None
+        self.device = device
+
+    def update(self, rows):
+        """Upload rows (lists of floats, with ints in the address columns) unless they equal
+        the rows already on the device."""
+        if rows == self.rows:
+            return
+        packed = np.zeros((len(rows), len(rows[0])), dtype=np.int64)
+        floats = packed.view(np.float64)
+        for g, row in enumerate(rows):
+            floats[g, 0] = row[0]
+            packed[g, 1:N_LR] = row[1:N_LR]
+            floats[g, N_LR:] = row[N_LR:]
+        host = torch.from_numpy(packed)
+        if self.table is not None and self.table.shape == host.shape:
+            self.table.copy_(host, non_blocking=True)  # in place: a captured CUDA graph sees it too
+        else:
+            self.table = _upload(host, self.device)
+        self.rows = rows

@@ -4,7 +4,8 @@
 import torch
 
 from . import reference
-from ._base import FusedOptimizer, check_hyper, check_lr, check_torch_flags
+from ._base import FusedOptimizer, _kernels
+from ._validate import check_hyper, check_lr
 
 
 class Adam(FusedOptimizer):
@@ -31,7 +32,6 @@ class Adam(FusedOptimizer):
         check_hyper("beta", betas[1], f"Invalid beta parameter at index 1: {betas[1]}", upper=1.0)
         check_hyper("weight_decay", weight_decay)
         betas = _betas(betas)
-        check_torch_flags(type(self).__name__, fused, differentiable)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
@@ -63,24 +63,25 @@ class Adam(FusedOptimizer):
 
     @staticmethod
     def _wd_mode(group):
-        from .kernels import WD_DECOUPLED, WD_L2, WD_NONE
+        """"l2" (weight decay added to the grad) or "decoupled"; no weight decay runs as
+        decoupled decay by a factor of exactly 1, so groups with and without decay share a
+        launch."""
+        return "l2" if group["weight_decay"] != 0 and not group["decoupled_weight_decay"] else "decoupled"
 
-        if group["weight_decay"] == 0:
-            return WD_NONE
-        return WD_DECOUPLED if group["decoupled_weight_decay"] else WD_L2
+    def _hyper_columns(self, group):
+        beta1, beta2 = group["betas"]
+        return _kernels().adam_hyper_row(float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
 
-    def _launch(self, plan, tables, grad_scale=None, found_inf=None, clip_coef=None):
-        from .kernels import adam_update
-
-        group = plan.group
-        beta1, beta2 = (float(b) for b in group["betas"])
-        adam_update(
-            tables.table, tables.chunks, tables.n_chunks,
-            lr=plan.lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"], wd_mode=self._wd_mode(group),
-            param_dtype=plan.dtypes[0], grad_dtype=plan.dtypes[1], state_dtype=plan.dtypes[2],
-            aligned=tables.aligned, config=plan.config, grad_scale=grad_scale, found_inf=found_inf,
-            clip_coef=clip_coef, master=plan.master, stochastic=plan.stochastic, seed=self.seed,
+    def _launch(self, bucket, tables, hyper, grad_scale=None, found_inf=None, clip_coef=None):
+        kernels = _kernels()
+        amsgrad, maximize, wd_mode = bucket.flags
+        p_dtype, g_dtype, s_dtype = bucket.tl_dtypes
+        kernels.adam_update(
+            tables.table, tables.n_rows, bucket.chunks, bucket.n_chunks, hyper,
+            amsgrad=amsgrad, maximize=maximize, wd_mode=kernels.WD_L2 if wd_mode == "l2" else kernels.WD_DECOUPLED,
+            param_dtype=p_dtype, grad_dtype=g_dtype, state_dtype=s_dtype,
+            aligned=tables.aligned, config=bucket.config, grad_scale=grad_scale, found_inf=found_inf,
+            clip_coef=clip_coef, master=bucket.master, stochastic=bucket.stochastic, seed=self.seed,
         )
 
     def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):

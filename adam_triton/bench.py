@@ -725,6 +725,10 @@ def _selected_variants(names):
 
 def run_bench(args):
     """The `bench` subcommand; returns the exit code."""
+    if args.host:
+        from . import host_bench
+
+        return host_bench.run(args)
     demo = args.interpreter_demo
     if demo:
         if not _ready_interpreter():
@@ -1123,6 +1127,16 @@ def register(subparsers):
     bench.add_argument("--host-reps", type=int, default=20, help="step() calls averaged for host time")
     bench.add_argument("--copy-mib", type=float, default=1024.0, help="size of the copy measured, MiB")
     bench.add_argument("--demo-reps", type=int, default=3, help="timed reps in the interpreter demo")
+    host = bench.add_argument_group(
+        "host time (--host)", "the CPU cost of step() against torch fused; runs without a GPU")
+    host.add_argument("--host", action="store_true",
+                      help="time the host side of step() (thread CPU time; launches stubbed without a GPU)")
+    host.add_argument("--host-tensors", type=int, nargs="+", default=[148, 2000, 10000], metavar="N",
+                      help="tensor counts (default 148 2000 10000)")
+    host.add_argument("--host-groups", type=int, nargs="+", default=[1, 2, 100], metavar="G",
+                      help="param group counts (default 1 2 100)")
+    host.add_argument("--host-numel", type=int, default=4096, help="elements per tensor (default 4096)")
+    host.add_argument("--host-steps", type=int, default=31, help="timed steps per case (default 31)")
     bench.set_defaults(func=run_bench)
     tune = subparsers.add_parser(
         "tune", help="autotune the kernels for this GPU and workload; cache the winners",

@@ -2,7 +2,8 @@
 fused launch per (param group, device, dtype) bucket."""
 
 from . import reference
-from ._base import FusedOptimizer, check_hyper, check_lr, check_torch_flags
+from ._base import FusedOptimizer, _kernels
+from ._validate import check_hyper, check_lr
 
 
 class RMSprop(FusedOptimizer):
@@ -25,7 +26,6 @@ class RMSprop(FusedOptimizer):
         check_hyper("momentum", momentum)
         check_hyper("weight_decay", weight_decay)
         check_hyper("alpha", alpha)
-        check_torch_flags("RMSprop", None, differentiable)
         defaults = dict(
             lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
             weight_decay=weight_decay, capturable=capturable, foreach=foreach,
@@ -56,17 +56,19 @@ class RMSprop(FusedOptimizer):
     def _flags(self, group):
         return (group["centered"], group["momentum"] > 0, group["maximize"], group["weight_decay"] != 0)
 
-    def _launch(self, plan, tables, grad_scale=None, found_inf=None, clip_coef=None):
-        from .kernels import rmsprop_update
+    def _hyper_columns(self, group):
+        return _kernels().rmsprop_hyper_row(float(group["alpha"]), float(group["eps"]), float(group["weight_decay"]),
+                                 float(group["momentum"]))
 
-        group = plan.group
-        rmsprop_update(
-            tables.table, tables.chunks, tables.n_chunks,
-            lr=plan.lr, alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
-            momentum=group["momentum"], centered=group["centered"], maximize=group["maximize"],
-            param_dtype=plan.dtypes[0], grad_dtype=plan.dtypes[1], state_dtype=plan.dtypes[2],
-            aligned=tables.aligned, config=plan.config, grad_scale=grad_scale, found_inf=found_inf,
-            clip_coef=clip_coef, master=plan.master, stochastic=plan.stochastic, seed=self.seed,
+    def _launch(self, bucket, tables, hyper, grad_scale=None, found_inf=None, clip_coef=None):
+        centered, momentum, maximize, weight_decay = bucket.flags
+        p_dtype, g_dtype, s_dtype = bucket.tl_dtypes
+        _kernels().rmsprop_update(
+            tables.table, tables.n_rows, bucket.chunks, bucket.n_chunks, hyper,
+            centered=centered, momentum=momentum, maximize=maximize, weight_decay=weight_decay,
+            param_dtype=p_dtype, grad_dtype=g_dtype, state_dtype=s_dtype,
+            aligned=tables.aligned, config=bucket.config, grad_scale=grad_scale, found_inf=found_inf,
+            clip_coef=clip_coef, master=bucket.master, stochastic=bucket.stochastic, seed=self.seed,
         )
 
     def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):

@@ -1,27 +1,59 @@
-"""Pieces every optimizer kernel shares: the tensor table, chunk decoding and the per-program
-prologue, fp32 loads and stores for every storage dtype (bf16 rounded to nearest even, bit
-for bit like torch, or stochastically), the fp32 master copy, bias corrections from a
-device-side step, and the step-increment kernel.
+"""Pieces every optimizer kernel shares: the tensor table, the per-group hyperparameter
+table, chunk decoding and the per-program prologue, fp32 loads and stores for every storage
+dtype (bf16 rounded to nearest even, bit for bit like torch, or stochastically), the fp32
+master copy, bias corrections from a device-side step, and the step-increment kernel.
 
-The tensor table is an int64 tensor of shape [n_tensors, ROW]; row t describes tensor t of a
-bucket. The chunk table is an int64 tensor of shape [n_chunks, 2]: (tensor index, first
-element). Program c of an update kernel handles CHUNK elements of one tensor.
+The tensor table is an int64 tensor of shape [n_cols, n_rows], column-major by field: entry
+(FIELD, t) describes tensor t of a bucket, so the host can rewrite one field of every tensor
+(the grad pointers, after `zero_grad()`) with one contiguous copy. The hyperparameter table
+is an int64 tensor of shape [n_groups, n_hyper]: one row per param group, floats stored as
+their float64 bit patterns, pointers as addresses. The chunk table is an int64 tensor of
+shape [n_chunks, 2]: (tensor index, first element). Program c of an update kernel handles
+CHUNK elements of one tensor.
 """
 
 import triton
 import triton.language as tl
 
-# Columns of a tensor-table row. STATE0..STATE3 are the algorithm's state buffers, in the
-# order its kernel documents; an unused slot holds 0.
+# Fields (rows) of the tensor table: six every kernel has, then the algorithm's state
+# buffers STATE0, STATE1, ... in the order its kernel documents; an unused one holds 0.
 NUMEL = tl.constexpr(0)
-STEP = tl.constexpr(1)
-PARAM = tl.constexpr(2)
-GRAD = tl.constexpr(3)
-STATE0 = tl.constexpr(4)
-STATE1 = tl.constexpr(5)
-STATE2 = tl.constexpr(6)
-STATE3 = tl.constexpr(7)
-ROW = tl.constexpr(8)
+STEP = tl.constexpr(1)  # address of the tensor's fp32 step
+GROUP = tl.constexpr(2)  # row of the hyperparameter table
+PARAM = tl.constexpr(3)
+GRAD = tl.constexpr(4)
+MASTER_COPY = tl.constexpr(5)  # the fp32 master copy of a bf16/fp16 param (master_weights), or 0
+STATE0 = tl.constexpr(6)
+STATE1 = tl.constexpr(7)
+STATE2 = tl.constexpr(8)
+STATE3 = tl.constexpr(9)
+STATE4 = tl.constexpr(10)
+STATE5 = tl.constexpr(11)
+
+# Columns every hyperparameter row starts with; an algorithm's own columns follow.
+LR = tl.constexpr(0)  # float64 learning rate (used when no lr tensor is given)
+LR_PTR_F32 = tl.constexpr(1)  # address of a 0-d fp32 lr tensor on the device, or 0
+LR_PTR_F64 = tl.constexpr(2)  # address of a 0-d fp64 lr tensor on the device, or 0
+N_LR = tl.constexpr(3)
+
+
+@triton.jit
+def field(table_ptr, n_rows, t, FIELD: tl.constexpr):
+    """Entry FIELD of tensor t in the tensor table (an int64)."""
+    return tl.load(table_ptr + FIELD * n_rows + t)
+
+
+@triton.jit
+def hyper_f64(hyper_row_ptr, COL: tl.constexpr):
+    """Column COL of a hyperparameter row, as the float64 it holds."""
+    return tl.load(hyper_row_ptr + COL).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def hyper_f32(hyper_row_ptr, COL: tl.constexpr):
+    """Column COL of a hyperparameter row rounded to fp32, as torch rounds a Python float
+    scalar for an fp32 tensor op."""
+    return hyper_f64(hyper_row_ptr, COL).to(tl.float32)
 
 
 @triton.jit
@@ -36,20 +68,25 @@ def program_chunk(chunks_ptr, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def chunk_prologue(table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr,
-                   CHUNK: tl.constexpr):
-    """What every program needs first: its table row, first element and the tensor's
-    numel; lr in fp64 (from lr_ptr when given); the divisor of the grads (AMP scale, 1
-    without) and their clip coefficient (1 without); and whether to run at all (False when
-    GradScaler found an inf). Grads are used as grad / grad_div * clip, torch's order.
-    Also the tensor index t and its step (fp32, already incremented for this step)."""
+def chunk_prologue(table_ptr, n_rows, chunks_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr,
+                   N_HYPER: tl.constexpr, CHUNK: tl.constexpr):
+    """What every program needs first: its tensor t, first element and the tensor's numel;
+    its step (fp32, already incremented for this step); its group's hyperparameter row and
+    lr in fp64 (read from the group's lr tensor when it has one); the divisor of the grads
+    (AMP scale, 1 without) and their clip coefficient (1 without); and whether to run at all
+    (False when GradScaler found an inf). Grads are used as grad / grad_div * clip, torch's
+    order."""
     t, start = program_chunk(chunks_ptr, CHUNK)
-    row = table_ptr + t * ROW
-    numel = tl.load(row + NUMEL)
-    step = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
-    lr64 = as_f64(lr)
-    if lr_ptr is not None:
-        lr64 = tl.load(lr_ptr).to(tl.float64)
+    numel = field(table_ptr, n_rows, t, NUMEL)
+    step = tl.load(field(table_ptr, n_rows, t, STEP).to(tl.pointer_type(tl.float32)))
+    hyper = hyper_ptr + field(table_ptr, n_rows, t, GROUP) * N_HYPER
+    lr64 = hyper_f64(hyper, LR)
+    lr_f32 = tl.load(hyper + LR_PTR_F32)
+    if lr_f32 != 0:
+        lr64 = tl.load(lr_f32.to(tl.pointer_type(tl.float32))).to(tl.float64)
+    lr_f64 = tl.load(hyper + LR_PTR_F64)
+    if lr_f64 != 0:
+        lr64 = tl.load(lr_f64.to(tl.pointer_type(tl.float64)))
     grad_div = 1.0
     if grad_scale_ptr is not None:
         grad_div = tl.load(grad_scale_ptr).to(tl.float32)
@@ -59,16 +96,16 @@ def chunk_prologue(table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_
     run = True
     if found_inf_ptr is not None:
         run = tl.load(found_inf_ptr) == 0
-    return row, t, start, numel, step, lr64, grad_div, clip, run
+    return t, start, numel, step, hyper, lr64, grad_div, clip, run
 
 
 @triton.jit
-def field_ptr(row_ptr, FIELD: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """The pointer stored in column FIELD of a table row, typed for DTYPE's storage.
+def field_ptr(table_ptr, n_rows, t, FIELD: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The pointer stored in entry FIELD of tensor t, typed for DTYPE's storage.
 
     bf16 is addressed as uint16 and converted by bits (the interpreter's bf16 casts truncate
     and flush subnormals). ALIGNED promises 16-byte alignment (checked on the host)."""
-    raw = tl.load(row_ptr + FIELD)
+    raw = field(table_ptr, n_rows, t, FIELD)
     if DTYPE == tl.bfloat16:
         ptr = raw.to(tl.pointer_type(tl.uint16))
     else:
@@ -79,15 +116,16 @@ def field_ptr(row_ptr, FIELD: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.con
 
 
 @triton.jit
-def param_ptrs(row, t, step, seed, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+def param_ptrs(table_ptr, n_rows, t, step, seed, PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
                MASTER: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointers every update kernel uses: param, grad and the fp32 master (slot STATE3 when
-    MASTER, else the param again), and the stochastic-rounding seed of this (step, tensor)."""
-    param_ptr = field_ptr(row, PARAM, PARAM_DTYPE, ALIGNED)
-    grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
+    """Pointers every update kernel uses: param, grad and the fp32 master (field MASTER_COPY
+    when MASTER, else the param again), and the stochastic-rounding seed of this (step,
+    tensor)."""
+    param_ptr = field_ptr(table_ptr, n_rows, t, PARAM, PARAM_DTYPE, ALIGNED)
+    grad_ptr = field_ptr(table_ptr, n_rows, t, GRAD, GRAD_DTYPE, ALIGNED)
     master_ptr = param_ptr
     if MASTER:
-        master_ptr = field_ptr(row, STATE3, tl.float32, ALIGNED)
+        master_ptr = field_ptr(table_ptr, n_rows, t, MASTER_COPY, tl.float32, ALIGNED)
     return param_ptr, grad_ptr, master_ptr, rounding_seed(seed, step, t)
 
 
@@ -162,16 +200,9 @@ def store_param(param_ptr, master_ptr, offs, p, mask, PARAM_DTYPE: tl.constexpr,
 
 
 @triton.jit
-def as_f64(x):
-    """A runtime scalar (fp32 kernel argument, Python float under the interpreter) as fp64."""
-    return tl.cast(x, tl.float64)
-
-
-@triton.jit
-def bias_correction(step, log2_beta_hi, log2_beta_lo):
-    """1 - beta**step in fp64; log2(beta) arrives as an fp32 pair hi + lo (from the host's
-    float64), so the result matches torch's double-precision `1 - beta ** step`."""
-    log2_beta = as_f64(log2_beta_hi) + as_f64(log2_beta_lo)
+def bias_correction(step, log2_beta):
+    """1 - beta**step in fp64 from log2(beta) (a float64 from the host), as torch's
+    double-precision `1 - beta ** step`."""
     return 1.0 - tl.exp2(step.to(tl.float64) * log2_beta)
 
 
@@ -183,41 +214,33 @@ def lerp(start, end, weight):
 
 
 @triton.jit
-def increment_steps_of(table_ptr, n_tensors, found_inf_ptr, BLOCK: tl.constexpr):
-    """step += 1 for every row of a tensor table (unless found_inf != 0); run by ONE program."""
+def increment_steps_of(table_ptr, n_rows, found_inf_ptr, BLOCK: tl.constexpr):
+    """step += 1 for every tensor of a tensor table (unless found_inf != 0); run by ONE program."""
     inc = 1.0
     if found_inf_ptr is not None:
         inc = tl.where(tl.load(found_inf_ptr) == 0, 1.0, 0.0)
     # a while loop: Triton 3.6's interpreter cannot take a runtime bound in range()
     first = 0
-    while first < n_tensors:
+    while first < n_rows:
         rows = first + tl.arange(0, BLOCK)
-        mask = rows < n_tensors
-        step_ptrs = tl.load(table_ptr + rows.to(tl.int64) * ROW + STEP, mask=mask, other=0)
+        mask = rows < n_rows
+        step_ptrs = tl.load(table_ptr + STEP * n_rows + rows, mask=mask, other=0)
         step_ptrs = step_ptrs.to(tl.pointer_type(tl.float32))
         tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + inc, mask=mask)
         first += BLOCK
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _increment_steps_kernel(
-    table_ptr,  # int64 [n_tensors, ROW] tensor table; column STEP holds fp32 step pointers
-    n_tensors,  # rows in the table
+    table_ptr,  # int64 [n_fields, n_rows] tensor table; field STEP holds fp32 step pointers
+    n_rows,  # tensors in the table
     found_inf_ptr,  # fp32 flag from GradScaler (None: no scaler); non-zero skips the increment
     BLOCK: tl.constexpr,
 ):
     # one program walks the whole table: a bucket has at most a few thousand tensors
-    increment_steps_of(table_ptr, n_tensors, found_inf_ptr, BLOCK)
+    increment_steps_of(table_ptr, n_rows, found_inf_ptr, BLOCK)
 
 
-def lr_args(lr):
-    """(value, pointer) kernel arguments for lr: a 0-d tensor is read on the device; any
-    other number (Python or NumPy scalar) is passed by value."""
-    if hasattr(lr, "data_ptr"):
-        return 0.0, lr
-    return float(lr), None
-
-
-def increment_steps(table, n_tensors, found_inf=None):
+def increment_steps(table, n_rows, found_inf=None):
     """step += 1 for every tensor of the table (one launch); no-op where found_inf != 0."""
-    _increment_steps_kernel[(1,)](table, n_tensors, found_inf, BLOCK=256)
+    _increment_steps_kernel[(1,)](table, n_rows, found_inf, BLOCK=256)

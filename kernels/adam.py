@@ -8,24 +8,22 @@ Math (torch.optim.Adam, computed in fp32; step already incremented):
 State slots of the tensor table: STATE0 exp_avg, STATE1 exp_avg_sq, STATE2 max_exp_avg_sq.
 """
 
-import math
-
-import numpy as np
 import triton
 import triton.language as tl
 
 from ._common import (
+    N_LR,
     STATE0,
     STATE1,
     STATE2,
-    as_f64,
     bias_correction,
     chunk_prologue,
     field_ptr,
+    hyper_f32,
+    hyper_f64,
     lerp,
     load_f32,
     load_param,
-    lr_args,
     param_ptrs,
     store_f32,
     store_param,
@@ -33,6 +31,17 @@ from ._common import (
 
 # weight-decay modes (constexpr): none, L2 (added to the gradient), decoupled (AdamW)
 WD_NONE, WD_L2, WD_DECOUPLED = 0, 1, 2
+
+# Columns of Adam's hyperparameter rows (after lr's): float64 values from the host
+H_BETA1 = tl.constexpr(N_LR + 0)
+H_ONE_MINUS_BETA1 = tl.constexpr(N_LR + 1)
+H_BETA2 = tl.constexpr(N_LR + 2)
+H_ONE_MINUS_BETA2 = tl.constexpr(N_LR + 3)
+H_EPS = tl.constexpr(N_LR + 4)
+H_WEIGHT_DECAY = tl.constexpr(N_LR + 5)
+H_LOG2_BETA1 = tl.constexpr(N_LR + 6)
+H_LOG2_BETA2 = tl.constexpr(N_LR + 7)
+N_HYPER = tl.constexpr(N_LR + 8)
 
 
 @triton.jit
@@ -80,44 +89,49 @@ def _adam_chunk(
         store_param(param_ptr, master_ptr, offs, p, mask, PARAM_DTYPE, MASTER, STOCHASTIC, seed)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["n_rows", "seed"])
 def _adam_kernel(
-    table_ptr,  # int64 [n_tensors, ROW]: numel, step, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
+    table_ptr,  # int64 [n_fields, n_rows]: numel, step, group, param, grad, master, exp_avg, exp_avg_sq, max_exp_avg_sq
+    n_rows,  # tensors in the table
     chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
-    lr,  # fp32 learning rate (ignored when lr_ptr is given)
-    lr_ptr,  # 0-d lr tensor on the device, or None
-    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,  # fp32 hyperparameters
-    log2_beta1_hi, log2_beta1_lo, log2_beta2_hi, log2_beta2_lo,  # log2(beta) as fp32 pairs
+    hyper_ptr,  # int64 [n_groups, N_HYPER]: lr, lr tensor pointers, betas, eps, weight_decay, log2(betas)
     grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
     found_inf_ptr,  # GradScaler's found_inf: non-zero leaves everything untouched; or None
     clip_coef_ptr,  # fp32 0-d clip coefficient the grads are multiplied by, or None
     seed,  # int: stochastic-rounding seed (mixed with step and tensor index)
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
-    MASTER: tl.constexpr,  # STATE3 holds an fp32 master copy of the (bf16/fp16) param
+    MASTER: tl.constexpr,  # field MASTER_COPY holds an fp32 master copy of the (bf16/fp16) param
     STOCHASTIC: tl.constexpr,  # round bf16 param stores stochastically
     ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # which tensor, which part of it, and the shared per-step scalars
-    row, t, start, numel, step, lr64, grad_div, clip, run = chunk_prologue(
-        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, CHUNK
+    t, start, numel, step, hyper, lr64, grad_div, clip, run = chunk_prologue(
+        table_ptr, n_rows, chunks_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, N_HYPER, CHUNK
     )
     param_ptr, grad_ptr, master_ptr, seed = param_ptrs(
-        row, t, step, seed, PARAM_DTYPE, GRAD_DTYPE, MASTER, ALIGNED
+        table_ptr, n_rows, t, step, seed, PARAM_DTYPE, GRAD_DTYPE, MASTER, ALIGNED
     )
-    exp_avg_ptr = field_ptr(row, STATE0, STATE_DTYPE, ALIGNED)
-    exp_avg_sq_ptr = field_ptr(row, STATE1, STATE_DTYPE, ALIGNED)
+    exp_avg_ptr = field_ptr(table_ptr, n_rows, t, STATE0, STATE_DTYPE, ALIGNED)
+    exp_avg_sq_ptr = field_ptr(table_ptr, n_rows, t, STATE1, STATE_DTYPE, ALIGNED)
     max_exp_avg_sq_ptr = exp_avg_sq_ptr
     if AMSGRAD:
-        max_exp_avg_sq_ptr = field_ptr(row, STATE2, STATE_DTYPE, ALIGNED)
+        max_exp_avg_sq_ptr = field_ptr(table_ptr, n_rows, t, STATE2, STATE_DTYPE, ALIGNED)
 
+    # the group's hyperparameters, rounded to fp32 where torch uses them as fp32 scalars
+    one_minus_beta1 = hyper_f32(hyper, H_ONE_MINUS_BETA1)
+    beta2 = hyper_f32(hyper, H_BETA2)
+    one_minus_beta2 = hyper_f32(hyper, H_ONE_MINUS_BETA2)
+    eps = hyper_f32(hyper, H_EPS)
+    weight_decay64 = hyper_f64(hyper, H_WEIGHT_DECAY)
+    weight_decay = weight_decay64.to(tl.float32)
     # bias corrections in fp64 from the (already incremented) step
-    bc1 = bias_correction(step, log2_beta1_hi, log2_beta1_lo)
-    bc2 = bias_correction(step, log2_beta2_hi, log2_beta2_lo)
+    bc1 = bias_correction(step, hyper_f64(hyper, H_LOG2_BETA1))
+    bc2 = bias_correction(step, hyper_f64(hyper, H_LOG2_BETA2))
     step_size = (lr64 / bc1).to(tl.float32)
     bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
-    decay = (1.0 - lr64 * as_f64(weight_decay)).to(tl.float32)
+    decay = (1.0 - lr64 * weight_decay64).to(tl.float32)
 
     if run:
         # full chunks of aligned tensors take the unmasked (128-bit) path
@@ -139,32 +153,29 @@ def _adam_kernel(
             )
 
 
-def split_f64(x):
-    """x (a Python float) as an fp32 pair (hi, lo) with hi + lo == x to ~48 bits."""
-    hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
+def adam_hyper_row(beta1, beta2, eps, weight_decay):
+    """Adam's hyperparameter columns after lr's, as float64 values (see H_BETA1..H_LOG2_BETA2)."""
+    import math
+
+    return [
+        beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay,
+        math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
+    ]
 
 
 def adam_update(
-    table, chunks, n_chunks, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-    wd_mode, param_dtype, grad_dtype, state_dtype, aligned, config,
-    grad_scale=None, found_inf=None, clip_coef=None, master=False, stochastic=False, seed=0,
+    table, n_rows, chunks, n_chunks, hyper, *, amsgrad, maximize, wd_mode, param_dtype, grad_dtype,
+    state_dtype, aligned, config, grad_scale=None, found_inf=None, clip_coef=None, master=False,
+    stochastic=False, seed=0,
 ):
-    """Launch the Adam update over every chunk of a bucket (one launch).
+    """Launch the Adam update over every chunk of a bucket (one launch, any number of param
+    groups: each tensor's group row of `hyper` holds its lr, betas, eps and weight decay).
 
-    lr: a float, or a 0-d tensor on the bucket's device (read in the kernel). dtypes are
-    triton dtypes; config is a dict with CHUNK, BLOCK, num_warps."""
-    lr, lr_ptr = lr_args(lr)
-    l1 = split_f64(math.log2(beta1)) if beta1 > 0 else (-math.inf, 0.0)
-    l2 = split_f64(math.log2(beta2)) if beta2 > 0 else (-math.inf, 0.0)
+    dtypes are triton dtypes; config is a dict with CHUNK, BLOCK, num_warps."""
     _adam_kernel[(n_chunks,)](
-        table, chunks,
-        lr, lr_ptr,
-        float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), float(weight_decay),
-        l1[0], l1[1], l2[0], l2[1],
-        grad_scale, found_inf, clip_coef, int(seed),
+        table, n_rows, chunks, hyper, grad_scale, found_inf, clip_coef, int(seed),
         PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), WD_MODE=wd_mode,
-        MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned), CHUNK=config["CHUNK"], BLOCK=config["BLOCK"],
-        num_warps=config["num_warps"],
+        MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned),
+        CHUNK=config["CHUNK"], BLOCK=config["BLOCK"], num_warps=config["num_warps"],
     )

@@ -10,7 +10,7 @@ norm = sqrt(sum) and coef = min(1, max_norm / (norm + 1e-6)), as clip_grad_norm_
 import triton
 import triton.language as tl
 
-from ._common import GRAD, chunk_prologue, field_ptr, increment_steps_of, load_f32
+from ._common import GRAD, NUMEL, field, field_ptr, increment_steps_of, load_f32, program_chunk
 
 
 @triton.jit
@@ -28,12 +28,13 @@ def _sq_sum_chunk(grad_ptr, start, numel, grad_div, GRAD_DTYPE: tl.constexpr,
     return tl.sum(acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _grad_sq_partials_kernel(
-    table_ptr,  # int64 [n_tensors, ROW] tensor table of the bucket
+    table_ptr,  # int64 [n_fields, n_rows] tensor table of the bucket
+    n_rows,  # tensors in the table
     chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
     partials_ptr,  # fp32 output, one value per chunk (already offset to this bucket's base)
-    n_chunks, n_tensors,  # chunks and rows of the bucket (the grid has at least one program)
+    n_chunks,  # chunks of the bucket (the grid has at least one program)
     grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
     found_inf_ptr,  # GradScaler's found_inf: non-zero leaves the steps as they are; or None
     GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
@@ -41,12 +42,14 @@ def _grad_sq_partials_kernel(
 ):
     c = tl.program_id(0)
     if c == 0:
-        increment_steps_of(table_ptr, n_tensors, found_inf_ptr, 256)
+        increment_steps_of(table_ptr, n_rows, found_inf_ptr, 256)
     if c < n_chunks:
-        row, t, start, numel, step, lr64, grad_div, clip, run = chunk_prologue(
-            table_ptr, chunks_ptr, 0.0, None, grad_scale_ptr, None, None, CHUNK
-        )
-        grad_ptr = field_ptr(row, GRAD, GRAD_DTYPE, ALIGNED)
+        t, start = program_chunk(chunks_ptr, CHUNK)
+        numel = field(table_ptr, n_rows, t, NUMEL)
+        grad_div = 1.0
+        if grad_scale_ptr is not None:
+            grad_div = tl.load(grad_scale_ptr).to(tl.float32)
+        grad_ptr = field_ptr(table_ptr, n_rows, t, GRAD, GRAD_DTYPE, ALIGNED)
         if ALIGNED and start + CHUNK <= numel:
             total = _sq_sum_chunk(grad_ptr, start, numel, grad_div, GRAD_DTYPE, False, CHUNK, BLOCK)
         else:
@@ -76,12 +79,12 @@ def _clip_coef_kernel(
     tl.store(coef_ptr, coef)
 
 
-def grad_sq_partials(table, chunks, n_chunks, n_tensors, partials, *, grad_dtype, aligned,
+def grad_sq_partials(table, n_rows, chunks, n_chunks, partials, *, grad_dtype, aligned,
                      config, grad_scale=None, found_inf=None):
     """Stage 1 for one bucket: partials[c] = sum over chunk c of (grad / grad_scale)^2,
     and the bucket's steps incremented (unless found_inf). One launch."""
     _grad_sq_partials_kernel[(max(1, n_chunks),)](
-        table, chunks, partials, n_chunks, n_tensors, grad_scale, found_inf,
+        table, n_rows, chunks, partials, n_chunks, grad_scale, found_inf,
         GRAD_DTYPE=grad_dtype, ALIGNED=bool(aligned), CHUNK=config["CHUNK"],
         BLOCK=config["BLOCK"], num_warps=config["num_warps"],
     )

@@ -14,19 +14,28 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    N_LR,
     STATE0,
     STATE1,
     STATE2,
     chunk_prologue,
     field_ptr,
+    hyper_f32,
     lerp,
     load_f32,
     load_param,
-    lr_args,
     param_ptrs,
     store_f32,
     store_param,
 )
+
+# Columns of RMSprop's hyperparameter rows (after lr's): float64 values from the host
+H_ALPHA = tl.constexpr(N_LR + 0)
+H_ONE_MINUS_ALPHA = tl.constexpr(N_LR + 1)
+H_EPS = tl.constexpr(N_LR + 2)
+H_WEIGHT_DECAY = tl.constexpr(N_LR + 3)
+H_MOMENTUM = tl.constexpr(N_LR + 4)
+N_HYPER = tl.constexpr(N_LR + 5)
 
 
 @triton.jit
@@ -72,13 +81,12 @@ def _rmsprop_chunk(
         store_param(param_ptr, master_ptr, offs, p, mask, PARAM_DTYPE, MASTER, STOCHASTIC, seed)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["n_rows", "seed"])
 def _rmsprop_kernel(
-    table_ptr,  # int64 [n_tensors, ROW]: numel, step, param, grad, square_avg, momentum_buffer, grad_avg
+    table_ptr,  # int64 [n_fields, n_rows]: numel, step, group, param, grad, master, square_avg, momentum_buffer, grad_avg
+    n_rows,  # tensors in the table
     chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
-    lr,  # fp32 learning rate (ignored when lr_ptr is given)
-    lr_ptr,  # 0-d lr tensor on the device, or None
-    alpha, one_minus_alpha, eps, weight_decay, momentum,  # fp32 hyperparameters
+    hyper_ptr,  # int64 [n_groups, N_HYPER]: lr, lr tensor pointers, alpha, eps, weight_decay, momentum
     grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
     found_inf_ptr,  # GradScaler's found_inf: non-zero leaves everything untouched; or None
     clip_coef_ptr,  # fp32 0-d clip coefficient the grads are multiplied by, or None
@@ -86,26 +94,32 @@ def _rmsprop_kernel(
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
-    MASTER: tl.constexpr,  # STATE3 holds an fp32 master copy of the (bf16/fp16) param
+    MASTER: tl.constexpr,  # field MASTER_COPY holds an fp32 master copy of the (bf16/fp16) param
     STOCHASTIC: tl.constexpr,  # round bf16 param stores stochastically
     ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # which tensor, which part of it, and the shared per-step scalars
-    row, t, start, numel, step, lr64, grad_div, clip, run = chunk_prologue(
-        table_ptr, chunks_ptr, lr, lr_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, CHUNK
+    t, start, numel, step, hyper, lr64, grad_div, clip, run = chunk_prologue(
+        table_ptr, n_rows, chunks_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, N_HYPER, CHUNK
     )
     param_ptr, grad_ptr, master_ptr, seed = param_ptrs(
-        row, t, step, seed, PARAM_DTYPE, GRAD_DTYPE, MASTER, ALIGNED
+        table_ptr, n_rows, t, step, seed, PARAM_DTYPE, GRAD_DTYPE, MASTER, ALIGNED
     )
-    square_avg_ptr = field_ptr(row, STATE0, STATE_DTYPE, ALIGNED)
+    square_avg_ptr = field_ptr(table_ptr, n_rows, t, STATE0, STATE_DTYPE, ALIGNED)
     momentum_buffer_ptr = square_avg_ptr
     if MOMENTUM:
-        momentum_buffer_ptr = field_ptr(row, STATE1, STATE_DTYPE, ALIGNED)
+        momentum_buffer_ptr = field_ptr(table_ptr, n_rows, t, STATE1, STATE_DTYPE, ALIGNED)
     grad_avg_ptr = square_avg_ptr
     if CENTERED:
-        grad_avg_ptr = field_ptr(row, STATE2, STATE_DTYPE, ALIGNED)
+        grad_avg_ptr = field_ptr(table_ptr, n_rows, t, STATE2, STATE_DTYPE, ALIGNED)
+    # the group's hyperparameters, rounded to fp32 where torch uses them as fp32 scalars
     lr32 = lr64.to(tl.float32)
+    alpha = hyper_f32(hyper, H_ALPHA)
+    one_minus_alpha = hyper_f32(hyper, H_ONE_MINUS_ALPHA)
+    eps = hyper_f32(hyper, H_EPS)
+    weight_decay = hyper_f32(hyper, H_WEIGHT_DECAY)
+    momentum = hyper_f32(hyper, H_MOMENTUM)
 
     if run:
         # full chunks of aligned tensors take the unmasked (128-bit) path
@@ -125,23 +139,26 @@ def _rmsprop_kernel(
             )
 
 
+def rmsprop_hyper_row(alpha, eps, weight_decay, momentum):
+    """RMSprop's hyperparameter columns after lr's, as float64 values (see H_ALPHA..H_MOMENTUM)."""
+    return [alpha, 1.0 - alpha, eps, weight_decay, momentum]
+
+
 def rmsprop_update(
-    table, chunks, n_chunks, *, lr, alpha, eps, weight_decay, momentum, centered, maximize,
+    table, n_rows, chunks, n_chunks, hyper, *, centered, momentum, maximize, weight_decay,
     param_dtype, grad_dtype, state_dtype, aligned, config,
     grad_scale=None, found_inf=None, clip_coef=None, master=False, stochastic=False, seed=0,
 ):
-    """Launch the RMSprop update over every chunk of a bucket (one launch).
-
-    lr: a float, or a 0-d tensor on the bucket's device (read in the kernel). dtypes are
-    triton dtypes; config is a dict with CHUNK, BLOCK, num_warps."""
-    lr, lr_ptr = lr_args(lr)
+    """Launch the RMSprop update over every chunk of a bucket (one launch, any number of
+    param groups: each tensor's group row of `hyper` holds its lr, alpha, eps, weight decay
+    and momentum). centered, momentum and weight_decay are the code-shaping flags (momentum
+    > 0, weight_decay != 0). dtypes are triton dtypes; config is a dict with CHUNK, BLOCK,
+    num_warps."""
     _rmsprop_kernel[(n_chunks,)](
-        table, chunks, lr, lr_ptr,
-        float(alpha), float(1.0 - alpha), float(eps), float(weight_decay), float(momentum),
-        grad_scale, found_inf, clip_coef, int(seed),
+        table, n_rows, chunks, hyper, grad_scale, found_inf, clip_coef, int(seed),
         PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
-        CENTERED=bool(centered), MOMENTUM=momentum > 0, MAXIMIZE=bool(maximize),
-        WEIGHT_DECAY=weight_decay != 0,
-        MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned), CHUNK=config["CHUNK"], BLOCK=config["BLOCK"],
-        num_warps=config["num_warps"],
+        CENTERED=bool(centered), MOMENTUM=bool(momentum), MAXIMIZE=bool(maximize),
+        WEIGHT_DECAY=bool(weight_decay),
+        MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned),
+        CHUNK=config["CHUNK"], BLOCK=config["BLOCK"], num_warps=config["num_warps"],
     )

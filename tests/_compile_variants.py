@@ -16,19 +16,15 @@ DTYPE_SETS = [  # (param, grad, state)
     ("fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16"), ("fp16", "fp16", "fp16"),
     ("bf16", "bf16", "fp32"), ("fp16", "fp16", "fp32"), ("bf16", "fp32", "fp32"),
 ]
-OPTIONAL_PTRS = ["lr_ptr", "grad_scale_ptr", "found_inf_ptr", "clip_coef_ptr"]
-PTR_TYPES = {"lr_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "clip_coef_ptr": "*fp32"}
+OPTIONAL_PTRS = ["grad_scale_ptr", "found_inf_ptr", "clip_coef_ptr"]
+PTR_TYPES = {"grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "clip_coef_ptr": "*fp32"}
 
 
 def kernel_specs():
     """name -> (scalar signature, base constexprs, flags {name: values})."""
-    update_scalars = {"table_ptr": "*i64", "chunks_ptr": "*i64", "lr": "fp32", "seed": "i32"}
+    update_scalars = {"table_ptr": "*i64", "n_rows": "i32", "chunks_ptr": "*i64", "hyper_ptr": "*i64", "seed": "i32"}
     adam = dict(update_scalars)
-    adam.update({k: "fp32" for k in (
-        "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "weight_decay",
-        "log2_beta1_hi", "log2_beta1_lo", "log2_beta2_hi", "log2_beta2_lo")})
     rms = dict(update_scalars)
-    rms.update({k: "fp32" for k in ("alpha", "one_minus_alpha", "eps", "weight_decay", "momentum")})
     return {
         "adam": (adam, {"CHUNK": 4096, "BLOCK": 1024},
                  {"AMSGRAD": [False, True], "MAXIMIZE": [False, True], "WD_MODE": [0, 1, 2],
@@ -36,8 +32,8 @@ def kernel_specs():
         "rmsprop": (rms, {"CHUNK": 4096, "BLOCK": 1024},
                     {"CENTERED": [False, True], "MOMENTUM": [False, True], "MAXIMIZE": [False, True],
                      "WEIGHT_DECAY": [False, True], "MASTER": [False, True], "STOCHASTIC": [False, True]}),
-        "norm": ({"table_ptr": "*i64", "chunks_ptr": "*i64", "partials_ptr": "*fp32",
-                  "n_chunks": "i32", "n_tensors": "i32"}, {"CHUNK": 4096, "BLOCK": 1024}, {}),
+        "norm": ({"table_ptr": "*i64", "n_rows": "i32", "chunks_ptr": "*i64", "partials_ptr": "*fp32",
+                  "n_chunks": "i32"}, {"CHUNK": 4096, "BLOCK": 1024}, {}),
     }
 
 

@@ -128,9 +128,29 @@ def test_sparse_grad_refused_and_nothing_changes(device, sparse_group, warm):
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_fused_false_refused(device, name):
-    with pytest.raises(RuntimeError, match="fused"):
-        getattr(adam_triton, name)(_param(device), fused=False)
+def test_fused_false_takes_the_pytorch_path(device, name, monkeypatch):
+    """fused=False asks for an unfused step: the group runs the plain-PyTorch reference (no
+    kernel launch) and matches torch.optim."""
+    import adam_triton._base as base
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel ran for a fused=False group")
+
+    monkeypatch.setattr(base.FusedOptimizer, "_kernel_bucket", no_kernel)
+    kw = dict(lr=1e-2, weight_decay=0.1)
+    params = list(make_model(device).parameters())
+    torch_cls = torch.optim.Adam if name == "Adam" else torch.optim.AdamW
+    run = Lockstep(
+        params,
+        lambda ps: getattr(adam_triton, name)(ps, fused=False, **kw),
+        lambda ps: torch_cls(ps, foreach=False, **kw),
+    )
+    run.run(3)
+
+
+def test_fused_and_foreach_true_refused_as_torch(device):
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together."):
+        adam_triton.Adam(_param(device), fused=True, foreach=True)
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
@@ -139,8 +159,7 @@ def test_differentiable_refused(device, name):
         getattr(adam_triton, name)(_param(device), differentiable=True)
 
 
-@pytest.mark.parametrize("foreach", [None, True, False])
-@pytest.mark.parametrize("fused", [None, True])
+@pytest.mark.parametrize("foreach,fused", [(None, None), (True, None), (False, None), (None, True), (False, True)])
 def test_foreach_and_fused_true_accepted_same_numbers(device, foreach, fused):
     kw = dict(lr=1e-2, amsgrad=True)
     params = list(make_model(device).parameters())

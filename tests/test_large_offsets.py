@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from adam_triton import reference, tuning
-from adam_triton._tables import ROW, chunk_table
-from adam_triton.kernels import WD_DECOUPLED, WD_L2, WD_NONE, adam_update
+from adam_triton._tables import HyperTable, TensorTable, chunk_table
+from adam_triton.kernels import WD_DECOUPLED, WD_L2, WD_NONE, adam_hyper_row, adam_update
 
 K = 2**31 + 4096  # past the int32 range; a multiple of the chunk (chunk starts stay aligned)
 
@@ -48,17 +48,20 @@ def test_offsets_past_int32(device, aligned, amsgrad, wd_mode):
     def shifted(t):
         return t.data_ptr() - shift
 
-    row = [k_shift + n, step.data_ptr(), shifted(views["param"]), shifted(views["grad"]),
-           shifted(views["m"]), shifted(views["v"]), shifted(views["vmax"]) if amsgrad else 0, 0]
-    assert len(row) == ROW
-    table = torch.tensor([row], dtype=torch.int64).to(device)
+    # fields: numel, step, group, param, grad, master (none), exp_avg, exp_avg_sq, max_exp_avg_sq
+    row = [k_shift + n, step.data_ptr(), 0, shifted(views["param"]), shifted(views["grad"]), 0,
+           shifted(views["m"]), shifted(views["v"]), shifted(views["vmax"]) if amsgrad else 0]
+    table = TensorTable([[v] for v in row], device)
     chunks, n_chunks = chunk_table([n], chunk, device)
     chunks[:, 1] += k_shift  # every chunk starts past 2**31
     assert n_chunks == math.ceil(n / chunk) == 2
     assert int(chunks[:, 1].min()) > 2**31
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1 if wd_mode else 0.0)
+    hyper_table = HyperTable(device)
+    hyper_table.update([[hyper["lr"], 0, 0, *adam_hyper_row(0.9, 0.999, 1e-8, hyper["weight_decay"])]])
     adam_update(
-        table, chunks, n_chunks, **hyper, amsgrad=amsgrad, maximize=False, wd_mode=wd_mode,
+        table.table, table.n_rows, chunks, n_chunks, hyper_table.table, amsgrad=amsgrad, maximize=False,
+        wd_mode=wd_mode,
         param_dtype=_tl(torch.float32), grad_dtype=_tl(torch.float32), state_dtype=_tl(torch.float32),
         aligned=aligned, config=config,
     )

@@ -325,11 +325,12 @@ def test_nan_and_inf_grads_propagate_like_torch(device, amsgrad):
 def test_step_increment_covers_more_tensors_than_its_block(device):
     """The step-increment kernel walks tables longer than its block (600 rows), and a
     non-zero found_inf leaves every step as it was."""
+    from adam_triton._tables import TensorTable
     from adam_triton.kernels import increment_steps
 
     steps = [torch.full((), float(i % 5), device=device) for i in range(600)]
-    table = torch.tensor([(1, s.data_ptr(), 0, 0, 0, 0, 0, 0) for s in steps], dtype=torch.int64).to(device)
-    increment_steps(table, 600)
-    increment_steps(table, 600, torch.ones((), device=device))  # found_inf: skipped
-    increment_steps(table, 600, torch.zeros((), device=device))
+    table = TensorTable([list(f) for f in zip(*[(1, s.data_ptr(), 0, 0, 0, 0, 0, 0, 0) for s in steps])], device)
+    increment_steps(table.table, 600)
+    increment_steps(table.table, 600, torch.ones((), device=device))  # found_inf: skipped
+    increment_steps(table.table, 600, torch.zeros((), device=device))
     assert [float(s) for s in steps] == [float(i % 5 + 2) for i in range(600)]
