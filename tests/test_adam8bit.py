@@ -1,23 +1,19 @@
 """8-bit block-wise Adam states: the plain-PyTorch reference (maps, quantize/dequantize, the
-Adam step on quantized states) against float64 and hand-worked numbers; the Triton helpers of
-kernels/quant8.py (through a single-tensor test kernel defined here) code for code against the
-reference; their sm_90 compile; the comparison with bitsandbytes (when installed); and a
-training-quality harness (an MLP and a tiny transformer LM, 8-bit AdamW vs torch.optim.AdamW)."""
+Adam step on quantized states) against float64 and hand-worked numbers; the kernels' map
+tables; the comparison with bitsandbytes (when installed); and training quality (an MLP and a
+tiny transformer LM, adam_triton.AdamW8bit's kernel path vs torch.optim.AdamW). The
+optimizers themselves: tests/test_adam8bit_optim.py."""
 
-import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 from _util import FP32_TOL
 from torch import nn
 
+import adam_triton
 from adam_triton import reference as ref
 from adam_triton.kernels import quant8
 
@@ -284,275 +280,25 @@ def test_adam8bit_nan_grad_spreads_to_its_block_only():
     assert p.isnan().nonzero().flatten().tolist() == list(range(256, 512))
 
 
-# ------------------------------------------------------------------ the Triton helpers
+# ------------------------------------------------------------------ the kernels' map tables
 
-@triton.jit
-def _ld(ptr, offs, mask, other):
-    if mask is None:
-        return tl.load(ptr + offs)
-    else:
-        return tl.load(ptr + offs, mask=mask, other=other)
-
-
-@triton.jit
-def _adam8bit_tile(
-    p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr, x_codes_ptr, x_absmax_ptr,
-    signed_ptr, unsigned_ptr,  # [2, 256] tables (quant8.quant_table)
-    first, numel,  # first element of the tile (a multiple of QBLOCK), elements in the tensor
-    step_size, bc2_sqrt, decay, w, one_minus_w, beta2, one_minus_beta2, eps, weight_decay,
-    AMSGRAD: tl.constexpr, WD_MODE: tl.constexpr, MASKED: tl.constexpr,
-    QBLOCK: tl.constexpr, ROWS: tl.constexpr,
-):
-    rows = tl.arange(0, ROWS)
-    offs = first + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    blk = first // QBLOCK + rows
-    if MASKED:
-        mask = offs < numel
-        bmask = blk * QBLOCK < numel
-    else:
-        mask = None
-        bmask = None
-    # load, dequantize
-    g = _ld(g_ptr, offs, mask, 0.0)
-    p = _ld(p_ptr, offs, mask, 0.0)
-    m = quant8.dequantize(_ld(m_codes_ptr, offs, mask, 0), _ld(m_absmax_ptr, blk, bmask, 0.0), signed_ptr)
-    v = quant8.dequantize(_ld(v_codes_ptr, offs, mask, 0), _ld(v_absmax_ptr, blk, bmask, 0.0), unsigned_ptr)
-    # fp32 Adam (reference.adam8bit_step's order)
-    if WD_MODE == 1:
-        g = g + weight_decay * p
-    if WD_MODE == 2:
-        p = p * decay
-    if w < 0.5:
-        m = m + w * (g - m)
-    else:
-        m = g - (g - m) * one_minus_w
-    v = beta2 * v + (one_minus_beta2 * g) * g
-    second = v
-    if AMSGRAD:
-        x = quant8.dequantize(_ld(x_codes_ptr, offs, mask, 0), _ld(x_absmax_ptr, blk, bmask, 0.0), unsigned_ptr)
-        x = tl.maximum(x, v, propagate_nan=tl.PropagateNan.ALL)
-        second = x
-    p = p - step_size * (m / (tl.sqrt(second) / bc2_sqrt + eps))
-    tl.store(p_ptr + offs, p, mask=mask)
-    # requantize with each block's new absmax
-    m_absmax = quant8.block_absmax(m, mask)
-    tl.store(m_codes_ptr + offs, quant8.quantize(m, m_absmax, signed_ptr), mask=mask)
-    tl.store(m_absmax_ptr + blk, m_absmax, mask=bmask)
-    v_absmax = quant8.block_absmax(v, mask)
-    tl.store(v_codes_ptr + offs, quant8.quantize(v, v_absmax, unsigned_ptr), mask=mask)
-    tl.store(v_absmax_ptr + blk, v_absmax, mask=bmask)
-    if AMSGRAD:
-        x_absmax = quant8.block_absmax(x, mask)
-        tl.store(x_codes_ptr + offs, quant8.quantize(x, x_absmax, unsigned_ptr), mask=mask)
-        tl.store(x_absmax_ptr + blk, x_absmax, mask=bmask)
-
-
-@triton.jit
-def _field(table_ptr, I: tl.constexpr, DTYPE: tl.constexpr, HINT: tl.constexpr):
-    """The pointer in slot I of the pointer table, typed; HINT promises 16-byte alignment."""
-    ptr = tl.load(table_ptr + I).to(tl.pointer_type(DTYPE))
-    if HINT:
-        ptr = tl.multiple_of(ptr, 16)
-    return ptr
-
-
-@triton.jit
-def _adam8bit_test_kernel(
-    table_ptr,  # int64 [10]: p, g, m codes, m absmax, v codes, v absmax, vmax codes, vmax absmax, 2 map tables
-    numel,  # elements in the tensor
-    step_size, bc2_sqrt, decay, w, one_minus_w, beta2, one_minus_beta2, eps, weight_decay,  # fp32
-    AMSGRAD: tl.constexpr, WD_MODE: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, QBLOCK: tl.constexpr, ROWS: tl.constexpr,
-):
-    # one tensor; program c takes elements [c·CHUNK, (c+1)·CHUNK) in tiles of ROWS blocks
-    tl.static_assert(CHUNK % (ROWS * QBLOCK) == 0, "a chunk is a whole number of tiles")
-    # pointers from a table, as the multi-tensor kernels get them (alignment unknown unless
-    # promised: ALIGNED = the host checked every streamed pointer is 16-byte aligned)
-    p_ptr = _field(table_ptr, 0, tl.float32, ALIGNED)
-    g_ptr = _field(table_ptr, 1, tl.float32, ALIGNED)
-    m_codes_ptr = _field(table_ptr, 2, tl.uint8, ALIGNED)
-    m_absmax_ptr = _field(table_ptr, 3, tl.float32, False)
-    v_codes_ptr = _field(table_ptr, 4, tl.uint8, ALIGNED)
-    v_absmax_ptr = _field(table_ptr, 5, tl.float32, False)
-    x_codes_ptr = _field(table_ptr, 6, tl.uint8, ALIGNED)
-    x_absmax_ptr = _field(table_ptr, 7, tl.float32, False)
-    signed_ptr = _field(table_ptr, 8, tl.float32, False)
-    unsigned_ptr = _field(table_ptr, 9, tl.float32, False)
-    start = tl.multiple_of(tl.program_id(0).to(tl.int64) * CHUNK, CHUNK)
-    for off in range(0, CHUNK, ROWS * QBLOCK):
-        first = start + off
-        if ALIGNED and start + CHUNK <= numel:  # full chunks of aligned tensors: unmasked
-            _adam8bit_tile(p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr, x_codes_ptr,
-                           x_absmax_ptr, signed_ptr, unsigned_ptr, first, numel, step_size, bc2_sqrt, decay, w,
-                           one_minus_w, beta2, one_minus_beta2, eps, weight_decay, AMSGRAD, WD_MODE, False,
-                           QBLOCK, ROWS)
-        else:
-            _adam8bit_tile(p_ptr, g_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr, x_codes_ptr,
-                           x_absmax_ptr, signed_ptr, unsigned_ptr, first, numel, step_size, bc2_sqrt, decay, w,
-                           one_minus_w, beta2, one_minus_beta2, eps, weight_decay, AMSGRAD, WD_MODE, True,
-                           QBLOCK, ROWS)
-
-
-def kernel_adam8bit_step(p, g, m, v, x, step, *, lr, beta1, beta2, eps, weight_decay=0.0, amsgrad=False,
-                         decoupled_weight_decay=False, block_size=256, rows=2, chunk=1024):
-    """The test kernel's launcher: one step on one tensor, the scalars as reference.adam8bit_step
-    forms them (step is a 0-d tensor, incremented here)."""
-    step += 1
-    t = float(step)
-    f = ref._f32
-    w = f(1 - beta1)
-    wd_mode = 0 if weight_decay == 0 else (2 if decoupled_weight_decay else 1)
-    tables = [quant8.quant_table(q).to(p.device) for q in (SIGNED, UNSIGNED)]
-    x = x if amsgrad else v
-    tensors = [p, g, m[0], m[1], v[0], v[1], x[0], x[1], *tables]
-    ptrs = torch.tensor([tt.data_ptr() for tt in tensors], dtype=torch.int64, device=p.device)
-    aligned = all(tt.data_ptr() % 16 == 0 for tt in (p, g, m[0], v[0], x[0]))
-    _adam8bit_test_kernel[(triton.cdiv(p.numel(), chunk),)](
-        ptrs, p.numel(),
-        f(lr / (1 - beta1**t)), f(math.sqrt(1 - beta2**t)), f(1 - lr * weight_decay), w, f(1 - w),
-        f(beta2), f(1 - beta2), f(eps), f(weight_decay),
-        AMSGRAD=amsgrad, WD_MODE=wd_mode, ALIGNED=aligned, CHUNK=chunk, QBLOCK=block_size, ROWS=rows,
-    )
-
-
-def code_agreement(a, b):
-    """(equal, one code apart, further apart) counts of two code tensors."""
-    d = (a.int() - b.int()).abs()
-    return int((d == 0).sum()), int((d == 1).sum()), int((d > 1).sum())
-
-
-KERNEL_CASES = [
-    (dict(), 256, 2, 1024),
-    (dict(weight_decay=0.1, decoupled_weight_decay=True), 256, 4, 1024),
-    (dict(weight_decay=0.1, amsgrad=True), 128, 2, 512),
-    (dict(beta1=0.3, amsgrad=True), 64, 4, 256),
-]
-
-
-@pytest.mark.parametrize("case,block_size,rows,chunk", KERNEL_CASES, ids=["plain", "adamw", "l2-amsgrad", "b64"])
-@pytest.mark.parametrize("n", [6, 257, 2048 + 13])
-def test_kernel_matches_reference_code_for_code(device, case, block_size, rows, chunk, n):
-    """10 steps of the test kernel and of reference.adam8bit_step from the same start and
-    grads: codes equal (within one code only where fp32 rounding decides a tie: counted,
-    none through the interpreter), absmax and params bit-equal through the interpreter."""
-    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
-    hyper.update(case)
-    amsgrad = hyper.get("amsgrad", False)
-    nb = math.ceil(n / block_size)
-    gen = torch.Generator().manual_seed(n + block_size)
-    p = torch.randn(n, generator=gen)
-
-    def fresh():
-        return ([torch.full((n,), 127, dtype=torch.uint8), torch.zeros(nb)],
-                [torch.zeros(n, dtype=torch.uint8), torch.zeros(nb)],
-                [torch.zeros(n, dtype=torch.uint8), torch.zeros(nb)])
-
-    rm, rv, rx = fresh()
-    km, kv, kx = [[t.to(device) for t in s] for s in fresh()]
-    rp, kp = p.clone(), p.to(device)
-    rstep, kstep = torch.tensor(0.0), torch.tensor(0.0)
-    off_by_one = 0
-    for k in range(10):
-        g = torch.randn(n, generator=gen) * torch.exp(2 * torch.randn(n, generator=gen))
-        if k == 4:
-            g[n // 2] = 0.0  # zeros in a block; an all-zero grad for n = 6's only block below
-        if n == 6 and k == 5:
-            g.zero_()
-        ref.adam8bit_step([rp], [g], [rm], [rv], [rx] if amsgrad else None, [rstep], block_size=block_size, **hyper)
-        kernel_adam8bit_step(kp, g.to(device), km, kv, kx, kstep, block_size=block_size, rows=rows, chunk=chunk,
-                             **hyper)
-        for (rc, ra), (kc, ka) in [(rm, km), (rv, kv)] + ([(rx, kx)] if amsgrad else []):
-            eq, one, far = code_agreement(rc, kc.cpu())
-            assert far == 0
-            off_by_one += one
-            if device.type == "cpu":
-                assert torch.equal(ra, ka)
-            else:
-                torch.testing.assert_close(ka.cpu(), ra, rtol=2e-7, atol=0)
-        if device.type == "cpu":
-            assert torch.equal(kp, rp), (k, (kp != rp).nonzero().flatten().tolist()[:8], kp[kp != rp][:4].tolist(), rp[kp != rp][:4].tolist())
-        else:
-            torch.testing.assert_close(kp.cpu(), rp, **FP32_TOL)
-    n_codes = 10 * n * (3 if amsgrad else 2)
-    print(f"n={n} block={block_size}: {off_by_one} of {n_codes} codes one apart")
-    if device.type == "cpu":
-        assert off_by_one == 0
-    else:
-        assert off_by_one <= 1e-3 * n_codes
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter dividing NaN
-def test_kernel_nonfinite_and_zero_blocks_match_reference(device):
-    n = 1100
-    gen = torch.Generator().manual_seed(5)
-    p = torch.randn(n, generator=gen)
-    g = torch.randn(n, generator=gen)
-    g[256:512] = 0.0  # an all-zero block from a zero state
-    g[700] = math.inf
-    g[1050] = math.nan
-    state = ([torch.full((n,), 127, dtype=torch.uint8), torch.zeros(5)], [torch.zeros(n, dtype=torch.uint8), torch.zeros(5)])
-    rm, rv = [[t.clone() for t in s] for s in state]
-    km, kv = [[t.to(device) for t in s] for s in state]
-    rp, kp = p.clone(), p.to(device)
-    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
-    for _ in range(2):
-        ref.adam8bit_step([rp], [g], [rm], [rv], None, [torch.tensor(0.0)], **hyper)
-        kernel_adam8bit_step(kp, g.to(device), km, kv, None, torch.tensor(0.0), **hyper)
-    for (rc, ra), (kc, ka) in [(rm, km), (rv, kv)]:
-        assert torch.equal(kc.cpu(), rc)
-        torch.testing.assert_close(ka.cpu(), ra, rtol=0, atol=0, equal_nan=True)
-        assert ra[1].item() == 0.0 and math.isnan(ra[2].item()) and math.isnan(ra[4].item())
-    torch.testing.assert_close(kp.cpu(), rp, rtol=0, atol=0, equal_nan=True)
-    assert bool(rp[512:768].isnan().all()) and bool(rp[:512].isfinite().all())
-
-
-def test_quant_table():
-    for q in (SIGNED, UNSIGNED):
-        table = quant8.quant_table(q)
-        assert table.shape == (2, 256) and table.dtype == torch.float32 and table.is_contiguous()
-        assert torch.equal(table[0], q)
-        assert torch.equal(table[1, :255], ref.code_thresholds(q)) and table[1, 255].item() == math.inf
-
-
-COMPILE_SCRIPT = r"""
-import json, re, sys
-sys.path.insert(0, sys.argv[1])
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import test_adam8bit as t
-
-out = []
-for aligned in (True, False):
-    for amsgrad in (True,):  # AMSGrad: every helper, three quantized states
-        fn = t._adam8bit_test_kernel
-        consts = dict(AMSGRAD=amsgrad, WD_MODE=2, ALIGNED=aligned, CHUNK=4096, QBLOCK=256, ROWS=4)
-        sig = {}
-        for a in fn.arg_names:
-            sig[a] = "constexpr" if a in consts else {"table_ptr": "*i64", "numel": "i64"}.get(a, "fp32")
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": True, "num_warps": 4}).asm["ptx"]
-        widths = sorted(set(re.findall(r"(?:ld|st)\.global(?:\.[a-z0-9]+)*", ptx)))
-        out.append(dict(aligned=aligned, amsgrad=amsgrad, widths=widths))
-print(json.dumps(out))
-"""
-
-
-def test_test_kernel_compiles_for_sm90_with_128_bit_accesses():
-    # compiled without the interpreter, for an sm_90 target (no GPU needed)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, str(HERE)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2
-    for r in results:
-        if r["aligned"]:
-            # 8 elements per thread ([4, 256] tile, 4 warps): 128-bit accesses come from the
-            # fp32 param/grad streams only (8 uint8 codes make a 64-bit access)
-            assert "ld.global.v4.b32" in r["widths"] and "st.global.v4.b32" in r["widths"], r
-        else:
-            assert not any(".v4" in w for w in r["widths"]), r
+@pytest.mark.parametrize("signed", [True, False])
+def test_map_tables_hold_values_and_an_eytzinger_tree_of_the_decision_points(signed):
+    """kernels/quant8.py's tables: the map's values, and its decision points in breadth-first
+    order; walking that tree (node j -> 2j+1 + (y >= t_j), 8 levels) gives the reference's code."""
+    q = qmap_of(signed)
+    table = quant8.map_tables(SIGNED, UNSIGNED)
+    assert table.shape == (4, 256) and table.dtype == torch.float32 and table.is_contiguous()
+    values, tree = table[0 if signed else 2], table[1 if signed else 3]
+    assert torch.equal(values, q)
+    t = ref.code_thresholds(q)
+    assert torch.equal(tree[:255].sort().values, t) and tree[0] == t[127] and tree[1] == t[63] and tree[2] == t[191]
+    gen = torch.Generator().manual_seed(2)
+    y = torch.cat([torch.rand(4000, generator=gen) * 2 - 1, q, t, torch.nextafter(t, torch.full_like(t, -2.0))])
+    j = torch.zeros_like(y, dtype=torch.long)
+    for _ in range(8):
+        j = 2 * j + 1 + (y >= tree[j]).long()
+    assert torch.equal(j - 255, torch.bucketize(y, t, right=True))
 
 
 # ------------------------------------------------------------------ against bitsandbytes
@@ -588,41 +334,6 @@ def test_maps_equal_bitsandbytes_and_torchao_maps():
 
 
 # ------------------------------------------------------------------ training quality
-
-class Reference8bitAdamW(torch.optim.Optimizer):
-    """Test harness only: AdamW with reference.adam8bit_step for tensors of at least
-    min_8bit_size elements and reference.adam_step (fp32 states) for smaller ones."""
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, min_8bit_size=4096):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.min_8bit_size = min_8bit_size
-        self.n_8bit = 0
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                         weight_decay=group["weight_decay"], decoupled_weight_decay=True)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                eight = p.numel() >= self.min_8bit_size
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    if eight:
-                        nb = math.ceil(p.numel() / 256)
-                        st["exp_avg"] = [torch.full_like(p, 127, dtype=torch.uint8), torch.zeros(nb)]
-                        st["exp_avg_sq"] = [torch.zeros_like(p, dtype=torch.uint8), torch.zeros(nb)]
-                        self.n_8bit += 1
-                    else:
-                        st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                if eight:
-                    ref.adam8bit_step([p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], None, [st["step"]],
-                                      signed_map=SIGNED, unsigned_map=UNSIGNED, **hyper)
-                else:
-                    ref.adam_step([p], [p.grad], [st["exp_avg"]], [st["exp_avg_sq"]], None, [st["step"]], **hyper)
-
 
 def mlp_task():
     """A 3-layer MLP classifying 16-d inputs labelled by a random teacher, 10% of the labels
@@ -715,9 +426,12 @@ def test_training_quality_8bit_adamw_within_2_percent_of_adamw(name, one_thread)
     torch.manual_seed(0)
     loss32, start, _ = train(task, lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=0.01), steps)
     torch.manual_seed(0)
-    loss8, start8, opt = train(task, lambda ps: Reference8bitAdamW(ps, lr=lr, weight_decay=0.01, min_8bit_size=256), steps)
-    print(f"{name}: start {start:.4f}, AdamW {loss32:.4f}, 8-bit AdamW {loss8:.4f} ({opt.n_8bit} tensors 8-bit)")
+    loss8, start8, opt = train(
+        task, lambda ps: adam_triton.AdamW8bit(ps, lr=lr, weight_decay=0.01, min_8bit_size=256), steps)
+    n_8bit = sum("exp_avg_codes" in st for st in opt.state.values())
+    print(f"{name}: start {start:.4f}, AdamW {loss32:.4f}, AdamW8bit {loss8:.4f} "
+          f"({n_8bit} of {len(opt.state)} tensors 8-bit; {(loss8 - loss32) / loss32:+.2%})")
     assert start8 == start
-    assert opt.n_8bit >= 3  # the weight matrices took the 8-bit path
+    assert n_8bit >= 3  # the weight matrices took the 8-bit path
     assert loss32 < 0.7 * start  # it trained
     assert abs(loss8 - loss32) <= 0.02 * loss32
