@@ -28,7 +28,7 @@ def compiled(tmp_path_factory):
 
 def test_every_variant_compiles(compiled):
     kernels = {r["kernel"] for r in compiled}
-    assert kernels == {"adam", "rmsprop", "norm"}
+    assert kernels == {"adam", "rmsprop", "norm", "adam8bit"}
     assert {r["cap"] for r in compiled} == {80, 90}
     failed = [r for r in compiled if not r["ok"]]
     assert not failed, json.dumps(failed[:3], indent=1)
