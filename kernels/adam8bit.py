@@ -44,8 +44,11 @@ from ._common import (
 from .adam import H_EPS, H_LOG2_BETA1, H_LOG2_BETA2, H_ONE_MINUS_BETA1, H_ONE_MINUS_BETA2, H_BETA2, \
     H_WEIGHT_DECAY, N_HYPER  # the same hyperparameter rows as Adam's kernel (one optimizer uses both)
 
-# Elements per thread and tile: 16 uint8 codes make one 128-bit access (fp32 streams take four).
-ELEMS_PER_THREAD = 16
+# Elements per thread of a tile: 8 gives the fp32 streams 128-bit accesses (two per stream)
+# and the uint8 codes 64-bit ones (a warp still reads 256 contiguous bytes). 16 would make the
+# codes' accesses 128-bit too, but the IEEE sqrt and divisions of 16 elements then need more
+# than 255 registers: Triton 3.6 spills (24 B fp32, 440 B AMSGrad; none at 8).
+ELEMS_PER_THREAD = 8
 # fp-contraction off: the reference rounds every product and sum on its own, and an FMA in
 # the moments moves m or v by an ulp, which can move a code at a decision point. With it off
 # the compiled kernel computes the reference's fp32 values (and Triton's default, which
