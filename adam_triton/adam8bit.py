@@ -27,8 +27,9 @@ from .adam import Adam
 MOMENTS = (("exp_avg", True), ("exp_avg_sq", False), ("max_exp_avg_sq", False))
 CODES, ABSMAX = "_codes", "_absmax"
 ZERO_CODE = {True: 127, False: 0}  # the code of 0 on the signed / unsigned map
-# block sizes the kernel takes: powers of two (a tile row is a block), at most the smallest
-# chunk the launch configs use
+# block sizes the kernel takes: powers of two (a tile row is a block), at most the default
+# chunk (4096 elements per program: a block never straddles programs; tuning skips configs
+# whose chunk is smaller than the block)
 MIN_BLOCK, MAX_BLOCK = 32, 4096
 # group options of the 8-bit optimizers, with the values checkpoints without them get
 DEFAULTS_8BIT = dict(block_size=256, min_8bit_size=4096)
