@@ -4,8 +4,8 @@ tables; the comparison with bitsandbytes (when installed); and training quality 
 tiny transformer LM, adam_triton.AdamW8bit's kernel path vs torch.optim.AdamW). The
 optimizers themselves: tests/test_adam8bit_optim.py."""
 
+import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -308,8 +308,12 @@ def test_against_bitsandbytes_adamw8bit():
     """benchmarks/compare_bnb_8bit.py's numbers (bitsandbytes 0.50.2, CPU): in lockstep every
     differing code is one where bitsandbytes' CPU quantizer is not nearest; absmax within a few ulps."""
     pytest.importorskip("bitsandbytes")
-    sys.path.insert(0, str(HERE.parent / "benchmarks"))
-    from compare_bnb_8bit import compare
+    # loaded from its file: benchmarks/ on sys.path would shadow tests/conftest.py for processes
+    # spawned later (tests/test_distributed.py's workers import it)
+    spec = importlib.util.spec_from_file_location("compare_bnb_8bit", HERE.parent / "benchmarks" / "compare_bnb_8bit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    compare = module.compare
 
     out = compare(numel=16384, steps=10)
     lock = out["lockstep"]
