@@ -22,8 +22,8 @@ from _util import FP32_TOL, assert_state_matches, clone_params, random_grads, se
 import adam_triton
 from conftest import DEVICE
 
-pytest.importorskip("expecttest")  # torch.testing._internal needs it (the test extra installs it)
-from torch.testing._internal.common_optimizers import (  # noqa: E402
+# torch.testing._internal imports expecttest: the test extra installs it
+from torch.testing._internal.common_optimizers import (
     OptimizerErrorEnum,
     _get_optim_inputs_including_global_cliquey_kwargs,
     optim_db,
