@@ -157,3 +157,29 @@ def torch_adam(params, **kw):
 
 def torch_adamw(params, **kw):
     return torch.optim.AdamW(params, foreach=False, **kw)
+
+
+def run_in_child(module, function, *args, timeout=300):
+    """Run tests/<module>.py's `function(*args)` (string args) in a fresh Python process, so
+    that a crash (segfault, abort) fails one test instead of the whole run. The child gets
+    the test set-up of conftest (interpreter, device). Fails with the child's output when it
+    exits non-zero or dies on a signal."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests_dir = Path(__file__).resolve().parent
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import conftest; "
+        f"import {module} as m; m.{function}(*sys.argv[2:])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tests_dir), *map(str, args)],
+        cwd=tests_dir.parent, env=dict(os.environ), capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        raise AssertionError(f"child {module}.{function}{tuple(args)}: {how}\n"
+                             f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout
