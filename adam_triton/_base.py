@@ -88,6 +88,22 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _sparse_message(self):
         return f"{type(self).__name__} does not support sparse gradients"
 
+    torch_class = None  # the torch.optim class with this optimizer's math
+
+    def _raise_torch_error(self, group, param, grad):
+        """Raise what torch.optim's single-tensor step raises for param (an integer param, say),
+        by running it on copies: the same exception and message, and nothing of ours changed."""
+        import inspect
+
+        names = set(inspect.signature(self.torch_class.__init__).parameters)
+        names -= {"self", "params", "foreach", "fused", "capturable", "differentiable"}
+        hyper = {k: (float(v) if isinstance(v, torch.Tensor) and k == "lr" else v)
+                 for k, v in group.items() if k in names}
+        q = param.detach().clone()
+        q.grad = grad.detach().clone()
+        self.torch_class([q], foreach=False, **hyper).step()  # raises torch's error
+        raise RuntimeError(f"{type(self).__name__} does not take params of dtype {param.dtype}")
+
     # -- step -----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):

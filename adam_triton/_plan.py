@@ -29,6 +29,7 @@ _is = operator.is_
 _grad_of = operator.attrgetter("grad")
 _data_ptr = torch.Tensor.data_ptr
 _strided = torch.strided
+_Tensor = torch.Tensor
 
 
 class Entry:
@@ -279,6 +280,8 @@ class Plan:
                     and new.get_device() == kind[2] and new.shape == kind[3] and new.is_contiguous() == kind[4]):
                 check_param(opt, e.gi, e.pi, p, new)  # raises torch's error for a bad grad
                 return False  # a good grad of another kind: rebuild
+            if kind[0] is not _Tensor:  # a DTensor: its placement too
+                check_param(opt, e.gi, e.pi, p, new)
             changed.append((e, new))
         dirty = {}
         for e, new in changed:
