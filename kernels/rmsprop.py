@@ -8,6 +8,9 @@ kernels, scalars as fp32; no bias correction):
     else:     avg = sqrt(v) + eps                          (eps added after the sqrt)
     momentum: buf = mu * buf + g / avg;  p = p - lr * buf
     else:     p = p - lr * g / avg
+Centered: v - ga * ga is formed from v and ga as stored (rounded to 16-bit states), as
+torch forms it, and clamped at 0 (rounding can make it a tiny negative number: NaN in torch
+unless its 16-bit difference rounds to -0).
 State slots of the tensor table: STATE0 square_avg, STATE1 momentum_buffer, STATE2 grad_avg.
 """
 
@@ -28,6 +31,7 @@ from ._common import (
     load_param,
     lr_args,
     param_ptrs,
+    round_to,
     store_f32,
     store_param,
 )
@@ -75,7 +79,12 @@ def _rmsprop_blocks(
         v = alpha * v + one_minus_alpha * g * g
         if CENTERED:
             ga = lerp(ga, g, one_minus_alpha)
-            avg = tl.sqrt_rn(v - ga * ga) + eps
+            # v - ga^2 of the stored (16-bit: rounded) v and ga, as torch forms it: from the
+            # unrounded ones it can be negative where torch's is not. It is >= 0 in exact
+            # arithmetic, but rounded it can be a tiny negative number, whose sqrt is NaN:
+            # clamp at 0 (a NaN stays NaN)
+            var = round_to(v, STATE_DTYPE) - round_to(ga, STATE_DTYPE) * round_to(ga, STATE_DTYPE)
+            avg = tl.sqrt_rn(tl.maximum(var, 0.0, propagate_nan=tl.PropagateNan.ALL)) + eps
         else:
             avg = tl.sqrt_rn(v) + eps
         # update and write back

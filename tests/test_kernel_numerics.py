@@ -1,7 +1,7 @@
 """Numeric edges of the update kernels against torch.optim's single-tensor path: scalar
-hyperparameters used in fp32 as torch uses them (a small beta1 or alpha), bf16 NaNs stored
-as 0x7FC0, and (on a GPU) IEEE sqrt and division where the flush of a subnormal would
-divide by zero."""
+hyperparameters used in fp32 as torch uses them (a small beta1 or alpha), fp16 centered
+RMSprop that stays finite where torch does, bf16 NaNs stored as 0x7FC0, and
+(on a GPU) IEEE sqrt and division where the flush of a subnormal would divide by zero."""
 
 import pytest
 import torch
@@ -42,6 +42,31 @@ def test_lerp_weight_is_fp32_like_torch(device, name, make, key):
         torch.testing.assert_close(o_ours.state[ours][key].cpu(), o_theirs.state[theirs][key], rtol=1e-6, atol=0)
     if name.startswith("adam"):  # (centered RMSprop with alpha this small cancels in v - ga^2)
         torch.testing.assert_close(ours.detach().cpu(), theirs.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fp16_centered_rmsprop_finite_where_torch_is(device, momentum):
+    """grad_avg = g and square_avg one fp16 step below or at g^2 (where a constant grad drives
+    them): v - ga^2 is a hair below 0. torch forms it in fp16, where it often rounds to -0
+    (sqrt -0 = -0, avg = eps: a finite update); formed from the fp32 values it stays negative
+    and its sqrt is NaN. On the elements where torch stays finite, so must we."""
+    gen = torch.Generator().manual_seed(0)
+    g = (torch.rand(4000, generator=gen) * 0.03 + 0.001).half()
+    near_sq = (g.float() ** 2).half().view(torch.int16)
+    v = torch.cat([(near_sq - 1), near_sq]).view(torch.float16)  # one ulp below, and the nearest
+    g = torch.cat([g, g])
+    kw = dict(lr=1e-4, centered=True, momentum=momentum)
+    ours, theirs = nn.Parameter(torch.zeros_like(g, device=device)), nn.Parameter(torch.zeros_like(g))
+    o_ours, o_theirs = adam_triton.RMSprop([ours], **kw), torch.optim.RMSprop([theirs], foreach=False, **kw)
+    _step_both(o_ours, o_theirs, ours, theirs, g)  # creates the state
+    for opt, q in ((o_ours, ours), (o_theirs, theirs)):
+        opt.state[q]["square_avg"].copy_(v)
+        opt.state[q]["grad_avg"].copy_(g)
+    _step_both(o_ours, o_theirs, ours, theirs, g)
+    finite = torch.isfinite(theirs.detach())
+    assert 0 < finite.sum() < len(g)  # torch is NaN on some, finite on others: the edge is there
+    got = ours.detach().cpu()[finite]
+    assert torch.isfinite(got).all(), f"{(~torch.isfinite(got)).sum()} NaN where torch is finite"
 
 
 def test_bf16_nan_stored_as_0x7fc0(device):
