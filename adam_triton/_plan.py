@@ -37,7 +37,7 @@ class Entry:
     contiguous; staged copies where the original is not) and where they came from."""
 
     __slots__ = ("gi", "pi", "param", "grad", "state", "step", "slots", "master", "kparam", "kgrad", "kslots",
-                 "kmaster", "staged", "grad_buf", "source", "grad_source", "bucket", "grad_kind")
+                 "kmaster", "staged", "grad_buf", "source", "grad_source", "bucket", "grad_kind", "local_ptrs")
 
     def __init__(self, gi, pi, param, grad, state, slots, master, step):
         self.gi, self.pi, self.param, self.state, self.step = gi, pi, param, state, step
@@ -51,6 +51,7 @@ class Entry:
         self.source = local(param).detach()
         self.grad_buf = None
         self.set_grad(grad)
+        self.local_ptrs = _local_ptrs(self) if self.special else None
 
     def _view(self, t):
         r = real(t)
@@ -82,6 +83,8 @@ class Entry:
             self.grad_source = grad.untyped_storage()
         else:
             self.set_grad(grad)
+            if self.local_ptrs is not None:  # the grad's entry only: a moved param must still show
+                self.local_ptrs[1] = real(grad).data_ptr()
 
     def stage_in(self):
         for original, copy in self.staged:
@@ -314,14 +317,12 @@ def _group_flags(opt, group):
 
 
 def _still_holds(e):
-    """The slower per-step check of an entry that is a DTensor shard or staged: its local
-    tensors (and the states') are the ones the plan read."""
-    if local(e.param).data_ptr() != e.source.data_ptr():
-        return False
-    grad = real(e.grad)
-    if e.grad_buf is None and grad.data_ptr() != e.kgrad.data_ptr():
-        return False
-    for s, k in zip((*e.slots, e.master), (*e.kslots, e.kmaster)):
-        if s is not None and not e.staged and real(s).data_ptr() != k.data_ptr():
-            return False
-    return True
+    """The slower per-step check of an entry that is a DTensor shard or staged: the local
+    storage of its param, grad and states is where it was when the plan read it (FSDP2 may
+    move a shard's local tensor under the same DTensor)."""
+    return e.local_ptrs == _local_ptrs(e)
+
+
+def _local_ptrs(e):
+    """Where the local storage of e's param, grad, states and master is now (in that order)."""
+    return [None if t is None else real(t).data_ptr() for t in (e.param, e.grad, *e.slots, e.master)]
