@@ -207,6 +207,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             bucket.config, bucket.chunks, bucket.n_chunks = saved
 
     # -- torch.optim.Optimizer methods that know the plan --------------------------------------
+    def zero_grad(self, set_to_none=True):
+        """torch's zero_grad; with set_to_none the launch plan lets go of the grads too, so they
+        are freed here (as with torch's optimizers) rather than inside the next step."""
+        super().zero_grad(set_to_none)
+        if set_to_none and self._plan is not None:
+            self._plan.release_grads()
+
     def add_param_group(self, param_group):
         """torch's add_param_group, with this optimizer's flag checks in the new group too."""
         check_flags(type(self).__name__, {**self.defaults, **param_group})

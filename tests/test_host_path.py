@@ -98,3 +98,28 @@ def test_stubbed_launches_run_no_kernel_and_are_restored():
         assert counter["launches"] == 2
         assert torch.equal(p.detach(), torch.ones(5))  # nothing computed
     assert kernels.adam_update is original
+
+
+def test_zero_grad_lets_go_of_the_grads(device, builds):
+    """After zero_grad() (set_to_none) the optimizer holds no reference to the old grads, so
+    they are freed there as with torch's optimizers; the next step takes the new grads on
+    the fast path (no rebuild) and matches torch; zero_grad(set_to_none=False) keeps them."""
+    import gc
+    import weakref
+
+    params = list(make_model(device).parameters())
+    run = Lockstep(params, lambda ps: adam_triton.AdamW(ps, lr=1e-2), lambda ps: torch_adamw(ps, lr=1e-2))
+    run.step()
+    run.step()
+    for s in range(3):
+        refs = [weakref.ref(p.grad) for p in run.params_ours]
+        run.ours.zero_grad()
+        run.torch.zero_grad()
+        gc.collect()
+        assert all(r() is None for r in refs), "the optimizer still holds a grad after zero_grad()"
+        run.step()  # new grads, compared with torch
+    assert len(builds) == 1
+    grads = [p.grad for p in run.params_ours]
+    run.ours.zero_grad(set_to_none=False)
+    assert all(p.grad is g for p, g in zip(run.params_ours, grads))
+    assert all(not g.any() for g in grads)
