@@ -263,6 +263,19 @@ def store_param(param_ptr, master_ptr, offs, p, mask, first, seed, PARAM_DTYPE: 
 
 
 @triton.jit
+def unscale_clip_sign(g, grad_div, clip, SCALED: tl.constexpr, CLIPPED: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The grad as an update uses it, in torch's order: divided by the AMP scale (IEEE
+    division) when SCALED, times the clip coefficient when CLIPPED, negated when MAXIMIZE."""
+    if SCALED:
+        g = tl.div_rn(g, grad_div)
+    if CLIPPED:
+        g = g * clip
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@triton.jit
 def bias_correction(step, log2_beta):
     """1 - beta**step in fp64 from log2(beta) (a float64 from the host), as torch's
     double-precision `1 - beta ** step`."""

@@ -30,6 +30,7 @@ from ._common import (
     param_ptrs,
     store_f32,
     store_param,
+    unscale_clip_sign,
 )
 
 # weight-decay modes (constexpr): none, L2 (added to the gradient), decoupled (AdamW)
@@ -75,13 +76,7 @@ def _adam_blocks(
         v = load_f32(exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
         if AMSGRAD:
             vmax = load_f32(max_exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
-        # unscale (AMP), clip, sign
-        if SCALED:
-            g = tl.div_rn(g, grad_div)
-        if CLIPPED:
-            g = g * clip
-        if MAXIMIZE:
-            g = -g
+        g = unscale_clip_sign(g, grad_div, clip, SCALED, CLIPPED, MAXIMIZE)
         # weight decay
         if WD_MODE == 1:
             g = g + weight_decay * p

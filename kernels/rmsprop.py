@@ -34,6 +34,7 @@ from ._common import (
     round_to,
     store_f32,
     store_param,
+    unscale_clip_sign,
 )
 
 # Columns of RMSprop's hyperparameter rows (after lr's): float64 values from the host
@@ -74,13 +75,7 @@ def _rmsprop_blocks(
             ga = load_f32(grad_avg_ptr, offs, mask, STATE_DTYPE)
         if MOMENTUM:
             buf = load_f32(momentum_buffer_ptr, offs, mask, STATE_DTYPE)
-        # unscale (AMP), clip, sign, L2
-        if SCALED:
-            g = tl.div_rn(g, grad_div)
-        if CLIPPED:
-            g = g * clip
-        if MAXIMIZE:
-            g = -g
+        g = unscale_clip_sign(g, grad_div, clip, SCALED, CLIPPED, MAXIMIZE)  # then L2
         if WEIGHT_DECAY:
             g = g + weight_decay * p
         # running averages; eps after the sqrt

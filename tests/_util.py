@@ -183,3 +183,27 @@ def run_in_child(module, function, *args, timeout=300):
         raise AssertionError(f"child {module}.{function}{tuple(args)}: {how}\n"
                              f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout
+
+
+def run_spawned(worker, kind, tmp_path, world, deadline_s):
+    """Run worker(rank, kind, rendezvous file, out dir) in `world` spawned processes (e.g. gloo
+    ranks with a file rendezvous), within deadline_s seconds; each rank writes
+    <kind>-<rank>.json into tmp_path, and the list of those results is returned."""
+    import json
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(kind, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{kind}: workers did not finish within {deadline_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [json.load(open(tmp_path / f"{kind}-{rank}.json")) for rank in range(world)]

@@ -15,14 +15,12 @@ cached one."""
 import copy
 import json
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
-from _util import Lockstep, clone_params, make_model, random_grads, set_grads
+from _util import Lockstep, clone_params, make_model, random_grads, run_spawned, set_grads
 
 import adam_triton
 from conftest import DEVICE
@@ -465,18 +463,7 @@ def _dist_worker(rank, kind, rdv, out_dir):
 
 
 def _run_workers(kind, tmp_path):
-    ctx = mp.start_processes(_dist_worker, args=(kind, str(tmp_path / "rendezvous"), str(tmp_path)),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{kind}: workers did not finish within {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [json.load(open(tmp_path / f"{kind}-{rank}.json")) for rank in range(WORLD)]
+    return run_spawned(_dist_worker, kind, tmp_path, WORLD, DEADLINE_S)
 
 
 distributed = pytest.mark.skipif(DEVICE != "cpu" or not dist.is_available(),
