@@ -88,6 +88,22 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _sparse_message(self):
         return f"{type(self).__name__} does not support sparse gradients"
 
+    torch_class = None  # the torch.optim class with this optimizer's math
+
+    def _raise_torch_error(self, group, param, grad):
+        """Raise what torch.optim's single-tensor step raises for param (an integer param, say),
+        by running it on copies: the same exception and message, and nothing of ours changed."""
+        import inspect
+
+        names = set(inspect.signature(self.torch_class.__init__).parameters)
+        names -= {"self", "params", "foreach", "fused", "capturable", "differentiable"}
+        hyper = {k: (float(v) if isinstance(v, torch.Tensor) and k == "lr" else v)
+                 for k, v in group.items() if k in names}
+        q = param.detach().clone()
+        q.grad = grad.detach().clone()
+        self.torch_class([q], foreach=False, **hyper).step()  # raises torch's error
+        raise RuntimeError(f"{type(self).__name__} does not take params of dtype {param.dtype}")
+
     # -- step -----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -160,6 +176,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         lr_columns = [float(lr), 0, 0] if not isinstance(lr, torch.Tensor) else _lr_tensor_columns(lr, device)
         return lr_columns + self._hyper_columns(group)
 
+    def _chunk_elements(self, bucket, config):
+        """Elements per program of a launch of bucket with config (the chunk table's chunk)."""
+        return config["CHUNK"]
+
     def _bench_scratch(self, bucket, hyper, config):
         """Milliseconds of one launch with config on random scratch tensors shaped like the
         bucket (never the user's tensors: tuning cannot apply an update twice)."""
@@ -180,7 +200,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for n in tuning.scratch_numels([e.kparam.numel() for e in bucket.entries])
         ]
         scratch = TensorTable([list(c) for c in zip(*rows)], device)
-        chunks, n_chunks = chunk_table([r[0] for r in rows], config["CHUNK"], device)
+        chunks, n_chunks = chunk_table([r[0] for r in rows], self._chunk_elements(bucket, config), device)
         saved = bucket.config, bucket.chunks, bucket.n_chunks
         bucket.config, bucket.chunks, bucket.n_chunks = config, chunks, n_chunks
         try:
@@ -191,6 +211,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             bucket.config, bucket.chunks, bucket.n_chunks = saved
 
     # -- torch.optim.Optimizer methods that know the plan --------------------------------------
+    def zero_grad(self, set_to_none=True):
+        """torch's zero_grad; with set_to_none the launch plan lets go of the grads too, so they
+        are freed here (as with torch's optimizers) rather than inside the next step."""
+        super().zero_grad(set_to_none)
+        if set_to_none and self._plan is not None:
+            self._plan.release_grads()
+
     def add_param_group(self, param_group):
         """torch's add_param_group, with this optimizer's flag checks in the new group too."""
         check_flags(type(self).__name__, {**self.defaults, **param_group})

@@ -15,7 +15,7 @@ re-uploaded in the hyperparameter table. Anything else asks for a rebuild.
 """
 
 import operator
-from itertools import chain
+from itertools import chain, compress, repeat
 
 import torch
 
@@ -26,9 +26,13 @@ from ._tensors import KERNEL_DTYPES, is_dtensor, local, real, sharding, tl_dtype
 from ._validate import check_flags, check_param, check_state
 
 _is = operator.is_
+is_not = operator.is_not
 _grad_of = operator.attrgetter("grad")
 _data_ptr = torch.Tensor.data_ptr
-_strided = torch.strided
+_RELEASED = object()  # in Plan.grads: a grad the plan no longer holds (see release_grads)
+_kgrad_of = operator.attrgetter("kgrad")
+_gptr_of = operator.attrgetter("gptr")
+_Tensor = torch.Tensor
 
 
 class Entry:
@@ -36,7 +40,7 @@ class Entry:
     contiguous; staged copies where the original is not) and where they came from."""
 
     __slots__ = ("gi", "pi", "param", "grad", "state", "step", "slots", "master", "kparam", "kgrad", "kslots",
-                 "kmaster", "staged", "grad_buf", "source", "grad_source", "bucket", "grad_kind")
+                 "kmaster", "staged", "grad_buf", "source", "bucket", "grad_kind", "local_ptrs", "gptr", "direct")
 
     def __init__(self, gi, pi, param, grad, state, slots, master, step):
         self.gi, self.pi, self.param, self.state, self.step = gi, pi, param, state, step
@@ -50,6 +54,7 @@ class Entry:
         self.source = local(param).detach()
         self.grad_buf = None
         self.set_grad(grad)
+        self.local_ptrs = _local_ptrs(self) if self.special else None
 
     def _view(self, t):
         r = real(t)
@@ -63,24 +68,28 @@ class Entry:
         """Take a (new) grad: the kernels read it directly, or a staged copy of it."""
         self.grad = grad
         r = real(grad)
-        self.grad_source = r.untyped_storage()  # held: the address cannot be reused while planned
         if r.is_contiguous():
             self.kgrad, self.grad_buf = r, None
         else:
             if self.grad_buf is None or self.grad_buf.shape != r.shape or self.grad_buf.dtype != r.dtype:
                 self.grad_buf = torch.empty_like(r, memory_format=torch.contiguous_format)
             self.kgrad = self.grad_buf
+        self.gptr = self.kgrad.data_ptr()  # the address the kernel reads
         # what a new grad must share with this one to take its place: type, dtype, device,
         # shape, contiguity (read as cheap attributes: device objects cost microseconds)
         self.grad_kind = (type(grad), grad.dtype, grad.get_device(), grad.shape, grad.is_contiguous())
+        # the kernel reads the grad itself (a plain, real, contiguous tensor): a new grad of the
+        # same kind is swapped in by Plan._take_grads without any of the above
+        self.direct = self.kgrad is grad
 
     def replace_grad(self, grad):
-        """set_grad for a grad of the current one's kind (grad_kind): only what differs is taken."""
-        if self.kgrad is self.grad:  # read directly (a plain, real, contiguous tensor)
-            self.grad = self.kgrad = grad
-            self.grad_source = grad.untyped_storage()
-        else:
-            self.set_grad(grad)
+        """set_grad for a grad of the current one's kind (grad_kind) on an entry that reads a
+        staged copy or a local shard (a direct grad is swapped in by Plan._take_grads)."""
+        if grad.layout is not torch.strided:
+            raise RuntimeError("a sparse grad")  # (Plan._take_grads reports torch's error)
+        self.set_grad(grad)
+        if self.local_ptrs is not None:  # the grad's entry only: a moved param must still show
+            self.local_ptrs[1] = real(grad).data_ptr()
 
     def stage_in(self):
         for original, copy in self.staged:
@@ -128,7 +137,7 @@ class Bucket:
         return [list(col) for col in zip(*rows)]
 
     def upload_grads(self):
-        self.tables.set_field(GRAD, [e.kgrad.data_ptr() for e in self.entries])
+        self.tables.set_field(GRAD, list(map(_gptr_of, self.entries)))
 
 
 class Plan:
@@ -200,7 +209,7 @@ class Plan:
                     tuning.size_class(numels))
         b.config = tuning.config_for(tune_key, lambda config: opt._bench_scratch(b, self.hyper[b.device], config))
         b.tables = TensorTable(b.fields(), b.device)
-        b.chunks, b.n_chunks = chunk_table(numels, b.config["CHUNK"], b.device)
+        b.chunks, b.n_chunks = chunk_table(numels, opt._chunk_elements(b, b.config), b.device)
 
     def _snapshot(self, opt):
         """What refresh compares against: the groups, every param and its grad, the state
@@ -211,7 +220,11 @@ class Plan:
         self.flat = [p for g in groups for p in g["params"]]
         self.grads = list(map(_grad_of, self.flat))
         entries = [e for b in self.buckets for e in b.entries]
-        self.entries = {id(e.param): e for e in entries}
+        by_param = {id(e.param): e for e in entries}
+        self.flat_entries = [by_param.get(id(p)) for p in self.flat]  # None: no grad at the build
+        self.grad_less = None in self.flat_entries  # some param has no grad (and no entry)
+        self.entry_kinds = [e.grad_kind for e in self.flat_entries] if not self.grad_less else None
+        self.released = False
         self.state = opt.state
         self.state_keys = list(opt.state.keys())
         self.state_dicts = list(opt.state.values())
@@ -223,8 +236,8 @@ class Plan:
         self._grad_snapshot()
 
     def _grad_snapshot(self):
-        self.kgrads = [e.kgrad for e in self.plain]
-        self.grad_ptrs = list(map(_data_ptr, self.kgrads))
+        self.kgrads = list(map(_kgrad_of, self.plain))
+        self.grad_ptrs = list(map(_gptr_of, self.plain))
 
     # -- every step ---------------------------------------------------------------------------
     def refresh(self, opt):
@@ -240,13 +253,13 @@ class Plan:
         if not all(map(_is, flat, self.flat)):
             return False
         grads = list(map(_grad_of, flat))
-        if not all(map(_is, grads, self.grads)):
-            if not self._take_grads(opt, grads):
+        if self.released or not all(map(_is, grads, self.grads)):
+            if not self._take_grads(opt, grads):  # (reads the new grads' storage)
                 return False
-        # storage of params and grads, state dicts and their values
-        if list(map(_data_ptr, self.plain_params)) != self.plain_ptrs:
+        elif list(map(_data_ptr, self.kgrads)) != self.grad_ptrs:  # the same grads, their storage
             return False
-        if list(map(_data_ptr, self.kgrads)) != self.grad_ptrs:
+        # storage of params, state dicts and their values
+        if list(map(_data_ptr, self.plain_params)) != self.plain_ptrs:
             return False
         state = opt.state  # (read by iteration: a lookup by param hashes in Python)
         if state is not self.state or len(state) != len(self.state_keys):
@@ -263,33 +276,65 @@ class Plan:
         return True
 
     def _take_grads(self, opt, grads):
-        """New grad objects for some params: each must be of its predecessor's kind (else
-        torch's error for a bad grad, or a rebuild for a good one of another kind); their
-        buckets' grad pointers are re-uploaded. False (rebuild) when a grad appeared or
-        vanished."""
-        changed = []
-        for p, old, new in zip(self.flat, self.grads, grads):
-            if old is new:
-                continue
-            if old is None or new is None:
-                return False
-            e = self.entries[id(p)]
-            kind = e.grad_kind  # checked inline: this runs for every grad after zero_grad()
-            if not (type(new) is kind[0] and new.dtype is kind[1] and new.layout is _strided
-                    and new.get_device() == kind[2] and new.shape == kind[3] and new.is_contiguous() == kind[4]):
-                check_param(opt, e.gi, e.pi, p, new)  # raises torch's error for a bad grad
-                return False  # a good grad of another kind: rebuild
-            changed.append((e, new))
+        """New grad objects for some params (all of them after `zero_grad()`): each must be of
+        its predecessor's kind (else torch's error for a bad grad, or a rebuild for a good one
+        of another kind); their buckets' grad pointers are re-uploaded. False (rebuild) when a
+        grad appeared or vanished."""
+        if self.released and len(grads) == len(self.entry_kinds) and not self.grad_less:
+            entries, new, kinds = self.flat_entries, grads, self.entry_kinds  # every grad is new
+        else:
+            changed = list(compress(range(len(grads)), map(is_not, grads, self.grads)))
+            new = [grads[i] for i in changed]
+            entries = [self.flat_entries[i] for i in changed]
+            if None in entries:
+                return False  # a grad appeared on a param that had none
+            kinds = [e.grad_kind for e in entries]
+        if not all(map(is_not, new, repeat(None))):
+            return False  # a grad vanished
+        # A few attribute reads a grad (each one a call into torch): type, dtype, device,
+        # shape, contiguity. A sparse grad fails the contiguity or raises; it is then
+        # checked as on a build, which raises torch's error.
+        try:
+            fits = all([type(g) is k[0] and g.dtype is k[1] and g.get_device() == k[2] and g.shape == k[3]
+                        and g.is_contiguous() == k[4] for g, k in zip(new, kinds)])
+            if fits:
+                ptrs = [g.data_ptr() if e.direct else 0 for e, g in zip(entries, new)]
+        except RuntimeError:
+            fits = False
+        if not fits:
+            for e, g in zip(entries, new):
+                check_param(opt, e.gi, e.pi, e.param, g)  # raises torch's error for a bad grad
+            return False  # good grads of another kind: rebuild
         dirty = {}
-        for e, new in changed:
-            e.replace_grad(new)
+        for e, g, ptr in zip(entries, new, ptrs):
+            if e.direct:
+                e.grad = e.kgrad = g
+                e.gptr = ptr
+            else:
+                if is_dtensor(g):
+                    check_param(opt, e.gi, e.pi, e.param, g)  # its placement too
+                e.replace_grad(g)
             dirty[id(e.bucket)] = e.bucket
         for b in dirty.values():
             if b.kernel:
                 b.upload_grads()
         self.grads = grads
+        self.released = False
         self._grad_snapshot()
         return True
+
+    def release_grads(self):
+        """Drop the plan's references to the grads (`zero_grad()` with set_to_none): they are
+        freed there, as with torch's optimizers, not inside the next step. That step takes
+        every grad as new."""
+        self.released = True
+        self.grads = [None if g is None else _RELEASED for g in self.grads]
+        self.kgrads = None
+        for e in self.flat_entries:
+            if e is not None:
+                e.grad = None
+                if e.direct:
+                    e.kgrad = None
 
     def update_hyper(self, opt):
         """Re-upload a device's hyperparameter table when a group's values changed."""
@@ -311,14 +356,12 @@ def _group_flags(opt, group):
 
 
 def _still_holds(e):
-    """The slower per-step check of an entry that is a DTensor shard or staged: its local
-    tensors (and the states') are the ones the plan read."""
-    if local(e.param).data_ptr() != e.source.data_ptr():
-        return False
-    grad = real(e.grad)
-    if e.grad_buf is None and grad.data_ptr() != e.kgrad.data_ptr():
-        return False
-    for s, k in zip((*e.slots, e.master), (*e.kslots, e.kmaster)):
-        if s is not None and not e.staged and real(s).data_ptr() != k.data_ptr():
-            return False
-    return True
+    """The slower per-step check of an entry that is a DTensor shard or staged: the local
+    storage of its param, grad and states is where it was when the plan read it (FSDP2 may
+    move a shard's local tensor under the same DTensor)."""
+    return e.local_ptrs == _local_ptrs(e)
+
+
+def _local_ptrs(e):
+    """Where the local storage of e's param, grad, states and master is now (in that order)."""
+    return [None if t is None else real(t).data_ptr() for t in (e.param, e.grad, *e.slots, e.master)]

@@ -23,7 +23,27 @@ def _upload(host, device):
     """A device copy of a host tensor (an independent copy on the CPU too)."""
     if device.type == "cpu":
         return host.clone()
+    _not_capturing(device)
     return host.to(device, non_blocking=True)
+
+
+def _copy_in(dst, host):
+    """dst <- host, asynchronously (no host sync)."""
+    if dst.device.type != "cpu":
+        _not_capturing(dst.device)
+    dst.copy_(host, non_blocking=True)
+
+
+def _not_capturing(device):
+    """A table changes only in eager steps: a copy from host memory cannot be captured in a
+    CUDA graph (and would replay stale host memory)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "adam_triton: the optimizer's launch tables must change while a CUDA graph is being "
+            "captured (new params, grads or state, or a float hyperparameter changed since the last "
+            "eager step). Run one eager step() with the same tensors and values first; to change lr "
+            "between replays, pass it as a tensor on the device and update it in place."
+        )
 
 
 def _aligned(values):
@@ -54,7 +74,7 @@ class TensorTable:
         """Rewrite one field of every tensor (one host-to-device copy)."""
         row = torch.tensor(values, dtype=torch.int64)
         self.host[field] = row
-        self.table[field].copy_(row, non_blocking=True)
+        _copy_in(self.table[field], row)
         self._aligned[field] = _aligned(row)
 
 
@@ -94,7 +114,7 @@ class HyperTable:
             floats[g, N_LR:] = row[N_LR:]
         host = torch.from_numpy(packed)
         if self.table is not None and self.table.shape == host.shape:
-            self.table.copy_(host, non_blocking=True)  # in place: a captured CUDA graph sees it too
+            _copy_in(self.table, host)  # in place: a captured CUDA graph sees it too
         else:
             self.table = _upload(host, self.device)
         self.rows = rows

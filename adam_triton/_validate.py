@@ -39,11 +39,14 @@ def describe(gi, pi, p):
 def check_param(opt, gi, pi, p, grad):
     """A param and its grad as torch refuses them, before any state exists."""
     dev = local(p).device
-    if dev.type not in SUPPORTED_DEVICES or not (p.is_floating_point() or p.is_complex()):
+    fused = opt.param_groups[gi].get("fused")
+    if dev.type not in SUPPORTED_DEVICES or (fused and not p.is_floating_point()):
         raise RuntimeError(
             "`fused=True` requires all the params to be floating point Tensors of "
             f"supported devices: {SUPPORTED_DEVICES} but {p.dtype} and {dev.type}"
         )
+    if not (p.is_floating_point() or p.is_complex()):
+        opt._raise_torch_error(opt.param_groups[gi], p, grad)
     if grad.is_sparse:
         raise RuntimeError(opt._sparse_message())
     if grad.shape != p.shape:
@@ -54,6 +57,13 @@ def check_param(opt, gi, pi, p, grad):
         raise RuntimeError(f"grad of {describe(gi, pi, p)} has dtype {grad.dtype}")
     if local(grad).device != dev or is_dtensor(grad) != is_dtensor(p):
         raise RuntimeError(f"grad of {describe(gi, pi, p)} is on {local(grad).device}, its param on {dev}")
+    if is_dtensor(p) and (grad.device_mesh != p.device_mesh or tuple(grad.placements) != tuple(p.placements)):
+        raise RuntimeError(
+            f"grad of {describe(gi, pi, p)} is a DTensor placed {tuple(grad.placements)}, its param "
+            f"{tuple(p.placements)}: the kernels update local shards, which must be laid out alike; "
+            "redistribute the grad to its param's placements before step() "
+            "(p.grad = p.grad.redistribute(p.device_mesh, p.placements))"
+        )
 
 
 class StateError(KeyError, RuntimeError):

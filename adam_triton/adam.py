@@ -1,5 +1,5 @@
 """Adam and AdamW: drop-in replacements for torch.optim.Adam / AdamW, one fused launch per
-(param group, device, dtype) bucket."""
+(device, dtype) bucket across param groups."""
 
 import torch
 
@@ -15,10 +15,11 @@ class Adam(FusedOptimizer):
     decoupled_weight_decay=True gives AdamW. max_grad_norm clips the global grad norm of
     all groups first (as clip_grad_norm_), fused into the step; last_grad_norm then holds
     the pre-clip norm. state_dtype, master_weights, stochastic_rounding and seed: see
-    FusedOptimizer. foreach is accepted and ignored; fused=False and differentiable=True
-    are refused."""
+    FusedOptimizer. foreach is accepted (not with fused=True, as torch); fused=False runs
+    the plain-PyTorch path; differentiable=True is refused."""
 
     kernel_name = "adam"
+    torch_class = torch.optim.Adam
 
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
@@ -26,12 +27,15 @@ class Adam(FusedOptimizer):
         decoupled_weight_decay=False, max_grad_norm=None, state_dtype=None, master_weights=False,
         stochastic_rounding=False, seed=0,
     ):
+        # torch's checks, in torch's order and words
+        if isinstance(lr, torch.Tensor) and foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
         check_lr(lr)
         check_hyper("epsilon", eps)
         check_hyper("beta", betas[0], f"Invalid beta parameter at index 0: {betas[0]}", upper=1.0)
         check_hyper("beta", betas[1], f"Invalid beta parameter at index 1: {betas[1]}", upper=1.0)
         check_hyper("weight_decay", weight_decay)
-        betas = _betas(betas)
+        betas = _betas(betas, foreach, capturable)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
@@ -98,6 +102,8 @@ class Adam(FusedOptimizer):
 class AdamW(Adam):
     """torch.optim.AdamW: Adam with decoupled weight decay, default weight_decay=0.01."""
 
+    torch_class = torch.optim.AdamW
+
     def __init__(
         self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
         maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
@@ -117,15 +123,18 @@ class AdamW(Adam):
             group["decoupled_weight_decay"] = True
 
 
-def _betas(betas):
-    """torch's rules: both floats or both 1-element tensors; tensors must live on the CPU
-    here (a device tensor would need a host read every step)."""
+def _betas(betas, foreach, capturable):
+    """torch's rules: both floats or both 1-element tensors (not with foreach=True unless
+    capturable); tensors must live on the CPU here (a device tensor would need a host read
+    every step)."""
     b0, b1 = betas
     if not ((isinstance(b0, float) and isinstance(b1, float))
             or (isinstance(b0, torch.Tensor) and isinstance(b1, torch.Tensor))):
         raise ValueError("betas must be either both floats or both Tensors")
     if isinstance(b0, torch.Tensor):
         for i, b in enumerate((b0, b1)):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
             if b.numel() != 1:
                 raise ValueError(f"Tensor betas[{i}] must be 1-element")
             if b.device.type != "cpu":

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from . import reference, tuning
+from . import reference
 from ._base import _kernels
 from ._state import Slot
 from ._tensors import KERNEL_DTYPES, is_dtensor, local, real
@@ -27,9 +27,9 @@ from .adam import Adam
 MOMENTS = (("exp_avg", True), ("exp_avg_sq", False), ("max_exp_avg_sq", False))
 CODES, ABSMAX = "_codes", "_absmax"
 ZERO_CODE = {True: 127, False: 0}  # the code of 0 on the signed / unsigned map
-# block sizes the kernel takes: powers of two (a tile row is a block), at most the default
-# chunk (4096 elements per program: a block never straddles programs; tuning skips configs
-# whose chunk is smaller than the block)
+# block sizes the kernel takes: powers of two (a tile row is a block), at most the
+# interpreter's chunk (4096 elements per program: a block never straddles programs; on the GPU
+# a chunk is whole tiles of at least one block each)
 MIN_BLOCK, MAX_BLOCK = 32, 4096
 # group options of the 8-bit optimizers, with the values checkpoints without them get
 DEFAULTS_8BIT = dict(block_size=256, min_8bit_size=4096)
@@ -154,9 +154,12 @@ class Adam8bit(Adam):
             param_dtype=p_dtype, grad_dtype=g_dtype, aligned=tables.aligned, config=bucket.config,
             grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, master=bucket.master,
             stochastic=bucket.stochastic, seed=self.seed,
-            # under the interpreter, one tile per chunk (its operations cost the same at any size)
-            whole_chunk=bucket.config == getattr(tuning, "INTERPRETER_CONFIG", None),
         )
+
+    def _chunk_elements(self, bucket, config):
+        if bucket.slot_keys[0] != "exp_avg" + CODES:
+            return super()._chunk_elements(bucket, config)
+        return _kernels().adam8bit.launch_shape(bucket.flags[3], config)[0]
 
     def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):
         if tensor_lists[2] is None or tensor_lists[2][0].dtype != torch.uint8:

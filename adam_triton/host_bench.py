@@ -12,8 +12,9 @@ N tensors of `numel` elements split into G param groups (the groups differ in lr
   asynchronous and not waited for inside the timed call).
 
 Two cases each: steady (the same grad tensors every step, as with zero_grad(set_to_none=
-False) or gradient accumulation into .grad), and fresh grads (new grad tensors before
-every step, as after the default zero_grad()). Launches per step are counted for ours;
+False) or gradient accumulation into .grad), and fresh grads (`opt.zero_grad()`, torch's
+default set_to_none=True, then new grad tensors before every step, as backward makes them;
+both outside the timed call). Launches per step are counted for ours;
 for torch, its fused-update calls and step-increment calls per step (each at least one
 launch on a GPU).
 """
@@ -96,21 +97,22 @@ def _groups(params, n_groups, lr=1e-3):
 def _timed_pair(ours, theirs, steps, fresh, sync):
     """Median thread CPU seconds of each optimizer's step() over `steps` steps, the two
     optimizers stepping alternately (so both see the same load on a shared machine), after
-    two warm-up steps each; fresh: new grad tensors before every step (outside the timed
-    calls). ours / theirs: (optimizer, params)."""
-    def new_grads(params):
+    two warm-up steps each; fresh: zero_grad() and new grad tensors before every step
+    (outside the timed calls). ours / theirs: (optimizer, params)."""
+    def new_grads(opt, params):
+        opt.zero_grad()
         for p in params:
             p.grad = torch.zeros_like(p)
 
     for opt, params in (ours, theirs):
-        new_grads(params)
+        new_grads(opt, params)
         opt.step()
         opt.step()
     times = ([], [])
     for _ in range(steps):
         for (opt, params), out in zip((ours, theirs), times):
             if fresh:
-                new_grads(params)
+                new_grads(opt, params)
             t0 = time.thread_time()
             opt.step()
             out.append(time.thread_time() - t0)

@@ -168,13 +168,21 @@ def block_absmax(x, block_size=256):
 
 
 def quantize_with_absmax(x, absmax, qmap, block_size=256):
-    """uint8 codes (x's shape) of x given each block's absmax: y = x / absmax in fp32 (0 where
-    absmax is 0 or NaN), then the nearest value of qmap, found by code_thresholds (ties up).
-    With absmax from block_absmax, |y| <= 1; NaN/zero blocks get the code of 0."""
+    """uint8 codes (x's shape) of x given each block's absmax: y = x * (1 / absmax) in fp32,
+    the reciprocal and the product each rounded to nearest (0 where absmax is 0 or NaN; x and
+    absmax both scaled by 2^64 for an absmax below 2^-64, by 2^-64 above 2^64), then
+    the nearest value of qmap, found by code_thresholds (ties up). With absmax from
+    block_absmax, |y| <= 1 up to an ulp (which leaves the code at the end of the map);
+    NaN/zero blocks get the code of 0. (One division per block, as bitsandbytes' 8-bit
+    optimizer kernels also normalize.)"""
     n = x.numel()
     xb = _blocks(x.detach().float(), block_size)
-    ok = (absmax > 0)[:, None]  # False for 0 and NaN
-    y = torch.where(ok, xb / torch.where(ok, absmax[:, None], 1.0), 0.0)
+    absmax = absmax.float()[:, None]
+    ok = absmax > 0  # False for 0 and NaN
+    # both scaled by a power of two where the reciprocal would overflow or be subnormal
+    scale = torch.where(absmax < 2.0**-64, 2.0**64, torch.where(absmax > 2.0**64, 2.0**-64, 1.0))
+    inv = 1.0 / torch.where(ok, absmax * scale, 1.0)
+    y = torch.where(ok, (xb * scale) * inv, 0.0)
     codes = torch.bucketize(y, code_thresholds(qmap).to(y.device), right=True)
     return codes.reshape(-1)[:n].to(torch.uint8).reshape(x.shape)
 

@@ -1,5 +1,7 @@
 """RMSprop: a drop-in replacement for torch.optim.RMSprop (which has no fused path), one
-fused launch per (param group, device, dtype) bucket."""
+fused launch per (device, dtype) bucket across param groups."""
+
+import torch
 
 from . import reference
 from ._base import FusedOptimizer, _kernels
@@ -10,10 +12,11 @@ class RMSprop(FusedOptimizer):
     """torch.optim.RMSprop's signature, defaults, errors, math and state keys
     (`step`, `square_avg`, `momentum_buffer` if momentum > 0, `grad_avg` if centered),
     computed in fp32 by Triton kernels. max_grad_norm, state_dtype, master_weights,
-    stochastic_rounding and seed: see FusedOptimizer. foreach is accepted and ignored;
-    differentiable=True is refused."""
+    stochastic_rounding and seed: see FusedOptimizer. foreach is accepted; differentiable=True
+    is refused."""
 
     kernel_name = "rmsprop"
+    torch_class = torch.optim.RMSprop
 
     def __init__(
         self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,

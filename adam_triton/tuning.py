@@ -31,22 +31,31 @@ import torch
 # command can still switch the interpreter on (Triton reads TRITON_INTERPRET when it defines
 # a jit function, its own standard library's included).
 
+# BLOCK counts 4-byte elements; a bucket with a 2-byte stream runs twice as many per loop
+# iteration (kernels/_common.py: block_for), so every thread moves 16 bytes per access.
 # Under the interpreter every tl operation costs the same whatever its size, so the largest
 # block makes the CPU tests fastest; warps mean nothing there.
 INTERPRETER_CONFIG = {"CHUNK": 4096, "BLOCK": 1024, "num_warps": 1}
-# Untuned GPU default: 16 KB of fp32 per stream per program, 128-bit accesses per thread.
-DEFAULT_CONFIG = {"CHUNK": 4096, "BLOCK": 1024, "num_warps": 4}
+# Untuned GPU default, read from sm_90 SASS (tests/test_compile.py checks it): 4 fp32 elements
+# per thread (one 128-bit access per stream, 48 registers for fp32 Adam, 1 memory round trip
+# per iteration), and 32 iterations per program (16 for 16-bit buckets), so the 3 dependent
+# loads before a program's first data load leave >= 36 KB of loads in flight per SM.
+DEFAULT_CONFIG = {"CHUNK": 16384, "BLOCK": 512, "num_warps": 4}
 # Candidates tried by the autotuner: chunk (work per program) x block (work per iteration) x warps.
 CANDIDATES = [
     {"CHUNK": chunk, "BLOCK": block, "num_warps": warps}
-    for chunk in (2048, 4096, 8192, 16384)
-    for block, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 8))
+    # below 4096, programs spend much of their time on the table lookups before the first load
+    for chunk in (4096, 8192, 16384, 32768)
+    # one 128-bit access per fp32 stream and thread at 2, 4 and 8 warps; and two (8 elements:
+    # about twice the registers, half the blocks per SM) at 4 warps
+    for block, warps in ((256, 2), (512, 4), (1024, 8), (1024, 4))
     if block <= chunk
 ]
 # Scratch tensors for tuning hold at most this many elements per stream (128 MiB in fp32).
 SCRATCH_LIMIT = 1 << 25
 # Version of the cache file's layout; a file of another format is ignored (and rewritten).
-CACHE_FORMAT = 1
+# 2: BLOCK counts 4-byte elements (winners tuned for the kernels of format 1 are dropped).
+CACHE_FORMAT = 2
 
 _tuned = {}  # key -> config, this process
 _files = {}  # cache file path -> {key string: entry}, each file read once

@@ -1,7 +1,8 @@
 """Pieces every optimizer kernel shares: the tensor table, the per-group hyperparameter
 table, chunk decoding and the per-program prologue, fp32 loads and stores for every storage
 dtype (bf16 rounded to nearest even, bit for bit like torch, or stochastically), the fp32
-master copy, bias corrections from a device-side step, and the step-increment kernel.
+master copy, bias corrections from a device-side step, the step-increment kernel, and what
+every launcher shares (the block per dtype, FMA contraction).
 
 The tensor table is an int64 tensor of shape [n_cols, n_rows], column-major by field: entry
 (FIELD, t) describes tensor t of a bucket, so the host can rewrite one field of every tensor
@@ -12,8 +13,25 @@ shape [n_chunks, 2]: (tensor index, first element). Program c of an update kerne
 CHUNK elements of one tensor.
 """
 
+import math
+import os
+
 import triton
 import triton.language as tl
+
+
+def _interpreting():
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes", "y")
+
+
+# Whether the kernels below run through Triton's interpreter: decided at import, as Triton
+# decides it for every @triton.jit function of this module. The interpreter's fp32 -> bf16
+# cast truncates, so there bf16 stores round by bits; compiled code uses the hardware's
+# round-to-nearest-even conversion (the same values in far fewer instructions).
+INTERPRETED = tl.constexpr(_interpreting())
 
 # Fields (rows) of the tensor table: six every kernel has, then the algorithm's state
 # buffers STATE0, STATE1, ... in the order its kernel documents; an unused one holds 0.
@@ -130,12 +148,8 @@ def param_ptrs(table_ptr, n_rows, t, step, seed, PARAM_DTYPE: tl.constexpr, GRAD
 
 
 @triton.jit
-def load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
-    """Load ptr[offs] (masked unless mask is None) and widen to fp32."""
-    if mask is None:
-        x = tl.load(ptr + offs)
-    else:
-        x = tl.load(ptr + offs, mask=mask, other=0)
+def widen(x, DTYPE: tl.constexpr):
+    """A value loaded in DTYPE's storage form (bf16 as its uint16 bits) as fp32, exactly."""
     if DTYPE == tl.bfloat16:
         return (x.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
@@ -143,8 +157,51 @@ def load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def narrow(x, DTYPE: tl.constexpr):
+    """fp32 x in DTYPE's storage form, rounded to nearest even: bf16 as uint16 bits (NaN as
+    0x7FC0, the NaN of c10::BFloat16's scalar conversion), fp16, or fp32 as it is."""
+    if DTYPE == tl.bfloat16:
+        if INTERPRETED:
+            return bf16_bits_rne(x)
+        else:
+            # cvt.rn.bf16.f32 rounds to nearest even. A NaN reaching a store comes out of fp32
+            # arithmetic (the GPU's canonical NaN 0x7FFFFFFF), which it turns into 0x7FFF; as
+            # int16 nothing else it writes lies above 0x7FC0 (inf is 0x7F80), so a min maps
+            # NaN to 0x7FC0 and leaves every other value: one instruction per 2 elements
+            bits = x.to(tl.bfloat16).to(tl.int16, bitcast=True)
+            return tl.minimum(bits, tl.cast(0x7FC0, tl.int16)).to(tl.uint16, bitcast=True)
+    elif DTYPE == tl.float32:
+        return x
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """fp32 x rounded to DTYPE (nearest even) and back: the value a store of x keeps."""
+    return widen(narrow(x, DTYPE), DTYPE)
+
+
+@triton.jit
+def load_f32(ptr, offs, mask, DTYPE: tl.constexpr):
+    """Load ptr[offs] (masked unless mask is None) and widen to fp32."""
+    if mask is None:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=0)
+    return widen(x, DTYPE)
+
+
+@triton.jit
+def store_f32(ptr, offs, x, mask, DTYPE: tl.constexpr):
+    """Round the fp32 value x to DTYPE (nearest even) and store it at ptr[offs]."""
+    tl.store(ptr + offs, narrow(x, DTYPE), mask=mask)
+
+
+@triton.jit
 def bf16_bits_rne(x):
-    """fp32 -> bf16 bit pattern, rounded to nearest even; NaN -> 0x7FC0 (as torch)."""
+    """fp32 -> bf16 bit pattern, rounded to nearest even, by integer arithmetic (what the
+    interpreter needs: its own cast truncates). NaN -> 0x7FC0."""
     bits = x.to(tl.uint32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)
@@ -152,22 +209,27 @@ def bf16_bits_rne(x):
 
 
 @triton.jit
-def store_f32(ptr, offs, x, mask, DTYPE: tl.constexpr):
-    """Round the fp32 value x to DTYPE (nearest even) and store it at ptr[offs]."""
-    if DTYPE == tl.bfloat16:
-        tl.store(ptr + offs, bf16_bits_rne(x), mask=mask)
-    else:
-        tl.store(ptr + offs, x.to(DTYPE), mask=mask)
+def bf16_bits_stochastic(x, random16):
+    """fp32 -> bf16 bit pattern, rounded up with probability (dropped bits) / 2^16, so the
+    rounding is unbiased; `random16` holds uniform integers in [0, 2^16). NaN -> 0x7FC0."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + random16.to(tl.uint32)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16)
 
 
 @triton.jit
-def bf16_bits_stochastic(x, random):
-    """fp32 -> bf16 bit pattern, rounded up with probability (dropped bits) / 2^16, so the
-    rounding is unbiased; `random` holds uniform 32-bit integers. NaN -> 0x7FC0."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + (random.to(tl.uint32) & 0xFFFF)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16)
+def random16(seed, first, BLOCK: tl.constexpr):
+    """BLOCK uniform 16-bit integers (in uint32) for elements first .. first + BLOCK - 1 of a
+    tensor, first a multiple of 8: one Philox (32-bit counter first / 8 + i) gives four 32-bit
+    words, each word two 16-bit halves, so 8 elements per Philox."""
+    counter = (first // 8).to(tl.uint32) + tl.arange(0, BLOCK // 8).to(tl.uint32)
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    col = tl.arange(0, 8)[None, :]  # element 8 * i + col takes word col // 2, half col % 2
+    word = tl.where(col < 4, tl.where(col < 2, r0[:, None], r1[:, None]),
+                    tl.where(col < 6, r2[:, None], r3[:, None]))
+    half = tl.where(col % 2 == 0, word & 0xFFFF, word >> 16)
+    return tl.reshape(half, [BLOCK])
 
 
 @triton.jit
@@ -187,16 +249,30 @@ def load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE: tl.constexpr, MAS
 
 
 @triton.jit
-def store_param(param_ptr, master_ptr, offs, p, mask, PARAM_DTYPE: tl.constexpr,
-                MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, seed):
+def store_param(param_ptr, master_ptr, offs, p, mask, first, seed, PARAM_DTYPE: tl.constexpr,
+                MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     """Write the updated fp32 value: into the master (fp32) and the param (nearest even)
-    when MASTER; else into the param, stochastically rounded when STOCHASTIC (bf16 only)."""
+    when MASTER; else into the param, stochastically rounded when STOCHASTIC (bf16 only;
+    `first` is the element offs starts at, `seed` the rounding_seed)."""
     if MASTER:
         store_f32(master_ptr, offs, p, mask, tl.float32)
     if STOCHASTIC:
-        tl.store(param_ptr + offs, bf16_bits_stochastic(p, tl.randint(seed, offs)), mask=mask)
+        tl.store(param_ptr + offs, bf16_bits_stochastic(p, random16(seed, first, BLOCK)), mask=mask)
     else:
         store_f32(param_ptr, offs, p, mask, PARAM_DTYPE)
+
+
+@triton.jit
+def unscale_clip_sign(g, grad_div, clip, SCALED: tl.constexpr, CLIPPED: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The grad as an update uses it, in torch's order: divided by the AMP scale (IEEE
+    division) when SCALED, times the clip coefficient when CLIPPED, negated when MAXIMIZE."""
+    if SCALED:
+        g = tl.div_rn(g, grad_div)
+    if CLIPPED:
+        g = g * clip
+    if MAXIMIZE:
+        g = -g
+    return g
 
 
 @triton.jit
@@ -208,9 +284,12 @@ def bias_correction(step, log2_beta):
 
 @triton.jit
 def lerp(start, end, weight):
-    """torch.lerp's formula: start + w (end - start) for w < 0.5, else end - (end - start)(1 - w)."""
-    diff = end - start
-    return tl.where(weight < 0.5, start + weight * diff, end - diff * (1.0 - weight))
+    """torch.lerp with an fp32 scalar weight: start + w (end - start) for w < 0.5, else
+    end - (end - start)(1 - w), written as one select and one multiply-add per element
+    (a - b c == a + (-c) b exactly)."""
+    low = weight < 0.5
+    coef = tl.where(low, weight, -(1.0 - weight))
+    return tl.where(low, start, end) + coef * (end - start)
 
 
 @triton.jit
@@ -241,6 +320,49 @@ def _increment_steps_kernel(
     increment_steps_of(table_ptr, n_rows, found_inf_ptr, BLOCK)
 
 
+# FMA contraction, set explicitly on every launch (Triton's default changes in 3.10): on, as
+# nvcc compiles torch's CUDA kernels, and one rounding per a * b + c instead of two.
+FP_FUSION = True
+# Loads each SM should have in flight: Little's law for an H200 (4.8 TB/s over 132 SMs) at
+# ~1 us loaded latency gives 36 KB; the register budget below aims 10% above that.
+INFLIGHT_BYTES = 40 * 1024
+# Dependent loads before a program's first data load (chunk table -> table row -> step):
+# a program keeps its loads in flight for CHUNK / BLOCK of its CHUNK / BLOCK + 3 round trips.
+PROLOGUE_ROUND_TRIPS = 3
+
+
+def block_for(config, *dtypes):
+    """Elements per loop iteration for a kernel whose streams have these triton dtypes.
+
+    config["BLOCK"] counts 4-byte elements: BLOCK / (32 * num_warps) = 4 gives every thread
+    one 128-bit access per fp32 stream. A bucket with a 2-byte stream takes twice the
+    elements, so its 16-bit streams move 128 bits per access too (and its fp32 ones two).
+    Never more than the chunk."""
+    narrowest = min(d.primitive_bitwidth for d in dtypes) // 8
+    return min(config["CHUNK"], config["BLOCK"] * 4 // narrowest)
+
+
+def launch_options(config, block, aligned, *loads):
+    """Compile options of a streaming launch whose loop loads streams of these triton dtypes,
+    BLOCK elements per iteration: warps, FMA contraction and, on the aligned path where 2- and
+    4-byte streams mix, a register cap (maxnreg) that leaves room for enough blocks per SM to
+    keep INFLIGHT_BYTES of loads in flight. Without it Triton 3.6 gives bf16-param / fp32-state
+    Adam 148 registers (3 blocks of 4 warps per SM, under 36 KB in flight). Buckets of one
+    width stay within the budget uncapped, and are not capped: ptxas uses the registers it is
+    allowed (Triton 3.9's fp32 Adam goes from 48 to 60 registers under a cap of 128); nor is
+    the masked-only (unaligned) code, whose scalar accesses need more registers (it spills
+    under the cap)."""
+    threads = 32 * config["num_warps"]
+    options = dict(num_warps=config["num_warps"], enable_fp_fusion=FP_FUSION)
+    if aligned and len({d.primitive_bitwidth for d in loads}) > 1:
+        loaded = block // threads * sum(d.primitive_bitwidth // 8 for d in loads)  # bytes per thread
+        iters = config["CHUNK"] // block
+        resident = INFLIGHT_BYTES * (iters + PROLOGUE_ROUND_TRIPS) / iters / loaded  # threads per SM
+        blocks = math.ceil(resident / threads)
+        options["maxnreg"] = min(255, 65536 // (blocks * threads) // 8 * 8)  # 64K registers per SM
+    return options
+
+
 def increment_steps(table, n_rows, found_inf=None):
     """step += 1 for every tensor of the table (one launch); no-op where found_inf != 0."""
-    _increment_steps_kernel[(1,)](table, n_rows, found_inf, BLOCK=256)
+    _increment_steps_kernel[(1,)](table, n_rows, found_inf, BLOCK=256, enable_fp_fusion=FP_FUSION)

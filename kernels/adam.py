@@ -1,6 +1,7 @@
 """Adam / AdamW / AMSGrad: one launch updates every tensor of a bucket.
 
-Math (torch.optim.Adam, computed in fp32; step already incremented):
+Math (torch.optim.Adam, in fp32 with IEEE-rounded sqrt and division like torch's CUDA
+kernels; bias corrections in fp64; step already incremented):
     g = -grad if maximize else grad;  g = g / grad_scale (AMP) * clip_coef
     L2:        g = g + wd * p              decoupled: p = p * (1 - lr * wd)
     m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g;  vmax = max(vmax, v)
@@ -17,16 +18,19 @@ from ._common import (
     STATE1,
     STATE2,
     bias_correction,
+    block_for,
     chunk_prologue,
     field_ptr,
     hyper_f32,
     hyper_f64,
+    launch_options,
     lerp,
     load_f32,
     load_param,
     param_ptrs,
     store_f32,
     store_param,
+    unscale_clip_sign,
 )
 
 # weight-decay modes (constexpr): none, L2 (added to the gradient), decoupled (AdamW)
@@ -45,48 +49,55 @@ N_HYPER = tl.constexpr(N_LR + 8)
 
 
 @triton.jit
-def _adam_chunk(
+def _adam_blocks(
     param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,  # typed pointers
     start, numel,  # first element of the chunk, elements in the tensor
+    first_block, end_block,  # blocks [first_block, end_block) of the chunk, BLOCK elements each
     grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+    SCALED: tl.constexpr, CLIPPED: tl.constexpr,  # grads are divided by grad_div / multiplied by clip
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
     MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, seed,
-    MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    for off in range(0, CHUNK, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
+    b = first_block
+    while b < end_block:  # (not range(): Triton 3.6's interpreter needs a constant bound)
+        first = start + b * BLOCK
+        offs = first + tl.arange(0, BLOCK)
         if MASKED:  # (compiled Triton cannot return None from a helper, so this stays inline)
             mask = offs < numel
         else:
             mask = None
-        # load and widen to fp32
-        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div * clip
+        # load every operand before the first store: the pointers come from a table, so the
+        # compiler must assume a store may alias them and would not move a load above it
+        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE)
         p = load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE, MASTER)
         m = load_f32(exp_avg_ptr, offs, mask, STATE_DTYPE)
         v = load_f32(exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
-        if MAXIMIZE:
-            g = -g
+        if AMSGRAD:
+            vmax = load_f32(max_exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
+        g = unscale_clip_sign(g, grad_div, clip, SCALED, CLIPPED, MAXIMIZE)
         # weight decay
         if WD_MODE == 1:
             g = g + weight_decay * p
         if WD_MODE == 2:
             p = p * decay
-        # moments
+        # moments; sqrt and division IEEE-rounded, as in torch's kernels
         m = lerp(m, g, one_minus_beta1)
         v = beta2 * v + one_minus_beta2 * g * g
         if AMSGRAD:
-            vmax = load_f32(max_exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
             vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-            store_f32(max_exp_avg_sq_ptr, offs, vmax, mask, STATE_DTYPE)
-            denom = tl.sqrt(vmax) / bc2_sqrt + eps
+            denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
         else:
-            denom = tl.sqrt(v) / bc2_sqrt + eps
+            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         # update and write back
-        p = p - step_size * (m / denom)
+        p = p - step_size * tl.div_rn(m, denom)
         store_f32(exp_avg_ptr, offs, m, mask, STATE_DTYPE)
         store_f32(exp_avg_sq_ptr, offs, v, mask, STATE_DTYPE)
-        store_param(param_ptr, master_ptr, offs, p, mask, PARAM_DTYPE, MASTER, STOCHASTIC, seed)
+        if AMSGRAD:
+            store_f32(max_exp_avg_sq_ptr, offs, vmax, mask, STATE_DTYPE)
+        store_param(param_ptr, master_ptr, offs, p, mask, first, seed, PARAM_DTYPE, MASTER, STOCHASTIC, BLOCK)
+        b += 1
 
 
 @triton.jit(do_not_specialize=["n_rows", "seed"])
@@ -103,7 +114,7 @@ def _adam_kernel(
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
     MASTER: tl.constexpr,  # field MASTER_COPY holds an fp32 master copy of the (bf16/fp16) param
     STOCHASTIC: tl.constexpr,  # round bf16 param stores stochastically
-    ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
+    ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full blocks
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # which tensor, which part of it, and the shared per-step scalars
@@ -134,23 +145,29 @@ def _adam_kernel(
     decay = (1.0 - lr64 * weight_decay64).to(tl.float32)
 
     if run:
-        # full chunks of aligned tensors take the unmasked (128-bit) path
-        if ALIGNED and start + CHUNK <= numel:
-            _adam_chunk(
+        # the chunk's full blocks take the unmasked (128-bit) path when every pointer is
+        # aligned; the last partial block of a tensor, or every block of an unaligned one,
+        # the masked path
+        size = tl.minimum(numel - start, CHUNK).to(tl.int32)
+        n_full = 0
+        if ALIGNED:
+            n_full = size // BLOCK
+            _adam_blocks(
                 param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                start, numel, grad_div, clip, step_size, bc2_sqrt, decay,
+                start, numel, 0, n_full, grad_div, clip, step_size, bc2_sqrt, decay,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                grad_scale_ptr is not None, clip_coef_ptr is not None,
                 PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
-                MASTER, STOCHASTIC, seed, False, CHUNK, BLOCK,
+                MASTER, STOCHASTIC, seed, False, BLOCK,
             )
-        else:
-            _adam_chunk(
-                param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-                start, numel, grad_div, clip, step_size, bc2_sqrt, decay,
-                one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
-                MASTER, STOCHASTIC, seed, True, CHUNK, BLOCK,
-            )
+        _adam_blocks(
+            param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            start, numel, n_full, tl.cdiv(size, BLOCK), grad_div, clip, step_size, bc2_sqrt, decay,
+            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+            grad_scale_ptr is not None, clip_coef_ptr is not None,
+            PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE,
+            MASTER, STOCHASTIC, seed, True, BLOCK,
+        )
 
 
 def adam_hyper_row(beta1, beta2, eps, weight_decay):
@@ -171,11 +188,15 @@ def adam_update(
     """Launch the Adam update over every chunk of a bucket (one launch, any number of param
     groups: each tensor's group row of `hyper` holds its lr, betas, eps and weight decay).
 
-    dtypes are triton dtypes; config is a dict with CHUNK, BLOCK, num_warps."""
+    dtypes are triton dtypes; config is a dict with CHUNK, BLOCK (in 4-byte elements, see
+    block_for), num_warps."""
+    dtypes = (param_dtype, grad_dtype, state_dtype) + ((tl.float32,) if master else ())
+    block = block_for(config, *dtypes)
+    loads = (grad_dtype, tl.float32 if master else param_dtype) + (state_dtype,) * (3 if amsgrad else 2)
     _adam_kernel[(n_chunks,)](
         table, n_rows, chunks, hyper, grad_scale, found_inf, clip_coef, int(seed),
         PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), WD_MODE=wd_mode,
         MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned),
-        CHUNK=config["CHUNK"], BLOCK=config["BLOCK"], num_warps=config["num_warps"],
+        CHUNK=config["CHUNK"], BLOCK=block, **launch_options(config, block, aligned, *loads),
     )

@@ -8,7 +8,7 @@ its own: IEEE sqrt and division, no fused multiply-add; step already incremented
     L2:        g = g + wd * p              decoupled: p = p * (1 - lr * wd)
     m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g;  vmax = max(vmax, v)
     p = p - lr / (1 - beta1^t) * (m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps))
-    absmax = max |m| (|v|, |vmax|) over each block; codes = nearest map value of state / absmax
+    absmax = max |m| (|v|, |vmax|) over each block; codes = nearest map value of state * (1 / absmax)
 exp_avg on the signed dynamic map, exp_avg_sq and max_exp_avg_sq on the unsigned one.
 State slots of the tensor table: STATE0 exp_avg codes (uint8), STATE1 its absmax (fp32, one
 per block), STATE2 / STATE3 exp_avg_sq, STATE4 / STATE5 max_exp_avg_sq (AMSGrad).
@@ -24,6 +24,7 @@ import triton.language as tl
 
 from . import quant8
 from ._common import (
+    INTERPRETED,
     STATE0,
     STATE1,
     STATE2,
@@ -40,20 +41,21 @@ from ._common import (
     load_param,
     param_ptrs,
     store_param,
+    unscale_clip_sign,
 )
 from .adam import H_EPS, H_LOG2_BETA1, H_LOG2_BETA2, H_ONE_MINUS_BETA1, H_ONE_MINUS_BETA2, H_BETA2, \
     H_WEIGHT_DECAY, N_HYPER  # the same hyperparameter rows as Adam's kernel (one optimizer uses both)
 
-# Elements per thread of a tile: 8 gives the fp32 streams 128-bit accesses (two per stream)
-# and the uint8 codes 64-bit ones (a warp still reads 256 contiguous bytes). 16 would make the
-# codes' accesses 128-bit too, but the IEEE sqrt and divisions of 16 elements then need more
-# than 255 registers: Triton 3.6 spills (24 B fp32, 440 B AMSGrad; none at 8).
-ELEMS_PER_THREAD = 8
+# Elements per thread of a tile: 16, so the uint8 codes move in 128-bit accesses (and the
+# fp32 streams in four). Quantization multiplies by each block's reciprocal absmax (one IEEE
+# division per block, not per element), which keeps 16 elements within the register budget.
+ELEMS_PER_THREAD = 16
 # fp-contraction off: the reference rounds every product and sum on its own, and an FMA in
 # the moments moves m or v by an ulp, which can move a code at a decision point. With it off
 # the compiled kernel computes the reference's fp32 values (and Triton's default, which
 # changes in 3.10, does not matter).
 ENABLE_FP_FUSION = False
+MAX_REGISTERS = 255
 
 
 @triton.jit
@@ -74,88 +76,78 @@ def _store_quantized(codes_ptr, absmax_ptr, x, offs, blk, mask, bmask, tree, roo
 
 
 @triton.jit
-def _adam8bit_tile(
+def _adam8bit_tiles(
     param_ptr, master_ptr, grad_ptr,  # typed pointers
     m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr, x_codes_ptr, x_absmax_ptr,  # uint8 / fp32 pointers
     signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree, unsigned_root,  # the maps
-    first, numel,  # first element of the tile (a multiple of QBLOCK), elements in the tensor
+    start, numel,  # first element of the chunk (a multiple of CHUNK), elements in the tensor
+    first_tile, end_tile,  # tiles [first_tile, end_tile) of the chunk, BLOCK elements each
     grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+    SCALED: tl.constexpr, CLIPPED: tl.constexpr,
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
     MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, seed,
-    SCALED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK // QBLOCK
-    N: tl.constexpr = BLOCK
     rows = tl.arange(0, ROWS)
-    offs = first + rows[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    blk = first // QBLOCK + rows  # the tile's blocks
-    if MASKED:  # (compiled Triton cannot return None from a helper, so this stays inline)
-        mask = offs < numel
-        bmask = blk * QBLOCK < numel
-    else:
-        mask = None
-        bmask = None
-    # load every operand before the first store (pointers from a table may alias)
-    g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE)
-    p = load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE, MASTER)
-    m_codes = _load(m_codes_ptr, offs, mask)
-    v_codes = _load(v_codes_ptr, offs, mask)
-    m_absmax = _load(m_absmax_ptr, blk, bmask)
-    v_absmax = _load(v_absmax_ptr, blk, bmask)
-    if AMSGRAD:
-        x_codes = _load(x_codes_ptr, offs, mask)
-        x_absmax = _load(x_absmax_ptr, blk, bmask)
-    # dequantize
-    m = quant8.dequantize(m_codes, m_absmax, signed_values, N)
-    v = quant8.dequantize(v_codes, v_absmax, unsigned_values, N)
-    # the gradient, weight decay
-    if SCALED:  # (x / 1 is exact, but the compiler keeps an IEEE division by a runtime 1)
-        g = tl.div_rn(g, grad_div)
-    g = g * clip
-    if MAXIMIZE:
-        g = -g
-    if WD_MODE == 1:
-        g = g + weight_decay * p
-    if WD_MODE == 2:
-        p = p * decay
-    # moments and the update
-    m = lerp(m, g, one_minus_beta1)
-    v = beta2 * v + one_minus_beta2 * g * g
-    if AMSGRAD:
-        vmax = quant8.dequantize(x_codes, x_absmax, unsigned_values, N)
-        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-        denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
-    else:
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-    p = p - step_size * tl.div_rn(m, denom)
-    # write back: the param, then each state requantized with its blocks' new absmax
-    store_param(param_ptr, master_ptr, offs, p, mask, PARAM_DTYPE, MASTER, STOCHASTIC, seed)
-    _store_quantized(m_codes_ptr, m_absmax_ptr, m, offs, blk, mask, bmask, signed_tree, signed_root, N)
-    _store_quantized(v_codes_ptr, v_absmax_ptr, v, offs, blk, mask, bmask, unsigned_tree, unsigned_root, N)
-    if AMSGRAD:
-        _store_quantized(x_codes_ptr, x_absmax_ptr, vmax, offs, blk, mask, bmask, unsigned_tree, unsigned_root, N)
-
-
-@triton.jit
-def _adam8bit_chunk(
-    param_ptr, master_ptr, grad_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr, x_codes_ptr, x_absmax_ptr,
-    signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree, unsigned_root,
-    start, numel, grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
-    MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, seed,
-    SCALED: tl.constexpr, MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
-):
-    for off in range(0, CHUNK, BLOCK):
-        _adam8bit_tile(
-            param_ptr, master_ptr, grad_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
-            x_codes_ptr, x_absmax_ptr, signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree,
-            unsigned_root, start + off, numel, grad_div, clip, step_size, bc2_sqrt, decay,
-            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-            PARAM_DTYPE, GRAD_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE, MASTER, STOCHASTIC, seed, SCALED, MASKED,
-            BLOCK, QBLOCK,
-        )
+    cols = tl.arange(0, QBLOCK)
+    # the chunk's first block: CHUNK is a multiple of BLOCK, so every tile's blocks start at a
+    # multiple of ROWS (what lets the absmax of a tile load as vectors)
+    first_blk = tl.multiple_of(start // QBLOCK, ROWS)
+    b = first_tile
+    while b < end_tile:  # (not range(): Triton 3.6's interpreter needs a constant bound)
+        first = start + b * BLOCK
+        offs = first + rows[:, None] * QBLOCK + cols[None, :]
+        blk = first_blk + b * ROWS + rows  # the tile's blocks
+        if MASKED:  # (compiled Triton cannot return None from a helper, so this stays inline)
+            mask = offs < numel
+            bmask = blk * QBLOCK < numel
+        else:
+            mask = None
+            bmask = None
+        # load every operand before the first store (pointers from a table may alias)
+        m_codes = _load(m_codes_ptr, offs, mask)
+        v_codes = _load(v_codes_ptr, offs, mask)
+        m_absmax = _load(m_absmax_ptr, blk, bmask)
+        v_absmax = _load(v_absmax_ptr, blk, bmask)
+        if AMSGRAD:
+            x_codes = _load(x_codes_ptr, offs, mask)
+            x_absmax = _load(x_absmax_ptr, blk, bmask)
+        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE)
+        p = load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE, MASTER)
+        # dequantize
+        m = quant8.dequantize(m_codes, m_absmax, signed_values, BLOCK)
+        v = quant8.dequantize(v_codes, v_absmax, unsigned_values, BLOCK)
+        # the gradient, weight decay
+        g = unscale_clip_sign(g, grad_div, clip, SCALED, CLIPPED, MAXIMIZE)
+        if WD_MODE == 1:
+            g = g + weight_decay * p
+        if WD_MODE == 2:
+            p = p * decay
+        # moments and the update
+        m = lerp(m, g, one_minus_beta1)
+        v = beta2 * v + one_minus_beta2 * g * g
+        if AMSGRAD:
+            vmax = quant8.dequantize(x_codes, x_absmax, unsigned_values, BLOCK)
+            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+            denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
+        else:
+            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        # write back: each state requantized with its blocks' new absmax, then the param (as
+        # one row of BLOCK elements: stochastic rounding numbers the elements of a tile so)
+        _store_quantized(m_codes_ptr, m_absmax_ptr, m, offs, blk, mask, bmask, signed_tree, signed_root, BLOCK)
+        _store_quantized(v_codes_ptr, v_absmax_ptr, v, offs, blk, mask, bmask, unsigned_tree, unsigned_root, BLOCK)
+        if AMSGRAD:
+            _store_quantized(x_codes_ptr, x_absmax_ptr, vmax, offs, blk, mask, bmask, unsigned_tree, unsigned_root,
+                             BLOCK)
+        flat_mask = mask
+        if MASKED:
+            flat_mask = tl.reshape(mask, [BLOCK])
+        store_param(param_ptr, master_ptr, tl.reshape(offs, [BLOCK]), tl.reshape(p, [BLOCK]), flat_mask, first,
+                    seed, PARAM_DTYPE, MASTER, STOCHASTIC, BLOCK)
+        b += 1
 
 
 @triton.jit(do_not_specialize=["n_rows", "seed"])
@@ -173,13 +165,12 @@ def _adam8bit_kernel(
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
     MASTER: tl.constexpr,  # field MASTER_COPY holds an fp32 master copy of the (bf16/fp16) param
     STOCHASTIC: tl.constexpr,  # round bf16 param stores stochastically
-    ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
+    ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full tiles
     CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
     BLOCK: tl.constexpr,  # elements per loop iteration (a tile), a multiple of QBLOCK
     QBLOCK: tl.constexpr,  # quantization block size (elements per absmax)
 ):
     tl.static_assert(CHUNK % BLOCK == 0 and BLOCK % QBLOCK == 0, "a chunk is whole tiles, a tile whole blocks")
-    SCALED: tl.constexpr = grad_scale_ptr is not None
     # which tensor, which part of it, and the shared per-step scalars
     t, start, numel, step, hyper, lr64, grad_div, clip, run = chunk_prologue(
         table_ptr, n_rows, chunks_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, N_HYPER, CHUNK
@@ -188,14 +179,14 @@ def _adam8bit_kernel(
         table_ptr, n_rows, t, step, seed, PARAM_DTYPE, GRAD_DTYPE, MASTER, ALIGNED
     )
     m_codes_ptr = field_ptr(table_ptr, n_rows, t, STATE0, tl.uint8, ALIGNED)
-    m_absmax_ptr = field_ptr(table_ptr, n_rows, t, STATE1, tl.float32, False)
+    m_absmax_ptr = field_ptr(table_ptr, n_rows, t, STATE1, tl.float32, ALIGNED)
     v_codes_ptr = field_ptr(table_ptr, n_rows, t, STATE2, tl.uint8, ALIGNED)
-    v_absmax_ptr = field_ptr(table_ptr, n_rows, t, STATE3, tl.float32, False)
+    v_absmax_ptr = field_ptr(table_ptr, n_rows, t, STATE3, tl.float32, ALIGNED)
     x_codes_ptr = v_codes_ptr
     x_absmax_ptr = v_absmax_ptr
     if AMSGRAD:
         x_codes_ptr = field_ptr(table_ptr, n_rows, t, STATE4, tl.uint8, ALIGNED)
-        x_absmax_ptr = field_ptr(table_ptr, n_rows, t, STATE5, tl.float32, False)
+        x_absmax_ptr = field_ptr(table_ptr, n_rows, t, STATE5, tl.float32, ALIGNED)
 
     # the group's hyperparameters, rounded to fp32 where the reference uses fp32 scalars
     one_minus_beta1 = hyper_f32(hyper, H_ONE_MINUS_BETA1)
@@ -219,52 +210,72 @@ def _adam8bit_kernel(
         unsigned_tree = quant8.load_map(maps_ptr, quant8.UNSIGNED_TREE)
         signed_root = tl.load(maps_ptr + quant8.SIGNED_TREE * 256)
         unsigned_root = tl.load(maps_ptr + quant8.UNSIGNED_TREE * 256)
-        # full chunks of aligned tensors take the unmasked (128-bit) path
-        if ALIGNED and start + CHUNK <= numel:
-            _adam8bit_chunk(
+        # the chunk's full tiles take the unmasked (128-bit) path when every pointer is
+        # aligned; the last partial tile of a tensor, or every tile of an unaligned one, the
+        # masked path
+        size = tl.minimum(numel - start, CHUNK).to(tl.int32)
+        n_full = 0
+        if ALIGNED:
+            n_full = size // BLOCK
+            _adam8bit_tiles(
                 param_ptr, master_ptr, grad_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
                 x_codes_ptr, x_absmax_ptr, signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree,
-                unsigned_root, start, numel, grad_div, clip, step_size, bc2_sqrt, decay,
+                unsigned_root, start, numel, 0, n_full, grad_div, clip, step_size, bc2_sqrt, decay,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                grad_scale_ptr is not None, clip_coef_ptr is not None,
                 PARAM_DTYPE, GRAD_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE, MASTER, STOCHASTIC, seed,
-                SCALED, False, CHUNK, BLOCK, QBLOCK,
+                False, BLOCK, QBLOCK,
             )
-        else:
-            _adam8bit_chunk(
-                param_ptr, master_ptr, grad_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
-                x_codes_ptr, x_absmax_ptr, signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree,
-                unsigned_root, start, numel, grad_div, clip, step_size, bc2_sqrt, decay,
-                one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
-                PARAM_DTYPE, GRAD_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE, MASTER, STOCHASTIC, seed,
-                SCALED, True, CHUNK, BLOCK, QBLOCK,
-            )
+        _adam8bit_tiles(
+            param_ptr, master_ptr, grad_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
+            x_codes_ptr, x_absmax_ptr, signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree,
+            unsigned_root, start, numel, n_full, tl.cdiv(size, BLOCK), grad_div, clip, step_size, bc2_sqrt, decay,
+            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+            grad_scale_ptr is not None, clip_coef_ptr is not None,
+            PARAM_DTYPE, GRAD_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE, MASTER, STOCHASTIC, seed,
+            True, BLOCK, QBLOCK,
+        )
 
 
-def tile_elements(block_size, chunk, num_warps, whole_chunk=False):
-    """Elements per tile (BLOCK): ELEMS_PER_THREAD per thread, at least one quantization
-    block, at most the chunk; the whole chunk with whole_chunk (the interpreter's choice:
-    every operation costs the same there whatever its size). Raises ValueError unless chunk
-    is a multiple of block_size (all three are powers of two)."""
+def launch_shape(block_size, config):
+    """(CHUNK, BLOCK, num_warps) of an 8-bit launch with the (Adam-style) config: a tile of
+    ELEMS_PER_THREAD elements per thread (at least one quantization block: more warps for a
+    block larger than that), and a chunk of as many tiles as Adam's fp32 kernel takes
+    iterations (config CHUNK / BLOCK), so the programs keep as many loads in flight per
+    dependent prologue. Under the interpreter (where every operation costs the same whatever
+    its size) one tile is the whole config chunk. The host builds its chunk table with the
+    same CHUNK (Adam8bit._chunk_elements). Raises ValueError unless the chunk is a multiple
+    of block_size (both are powers of two)."""
+    chunk, warps = config["CHUNK"], config["num_warps"]
+    if INTERPRETED:
+        tile = chunk
+    else:
+        warps = max(warps, block_size // (ELEMS_PER_THREAD * 32))
+        tile = ELEMS_PER_THREAD * 32 * warps
+        chunk = max(chunk // config["BLOCK"], 1) * tile
     if chunk % block_size:
         raise ValueError(f"chunk {chunk} is not a multiple of the 8-bit block size {block_size}")
-    return chunk if whole_chunk else min(chunk, max(block_size, ELEMS_PER_THREAD * 32 * num_warps))
+    return chunk, tile, warps
 
 
 def adam8bit_update(
     table, n_rows, chunks, n_chunks, hyper, maps, *, block_size, amsgrad, maximize, wd_mode, param_dtype,
     grad_dtype, aligned, config, grad_scale=None, found_inf=None, clip_coef=None, master=False,
-    stochastic=False, seed=0, whole_chunk=False,
+    stochastic=False, seed=0,
 ):
     """Launch the 8-bit Adam update over every chunk of a bucket (one launch, any number of
     param groups; each tensor's row of `hyper` is Adam's). maps: quant8.map_tables on the
-    device. dtypes are triton dtypes; config is a dict with CHUNK (a multiple of block_size)
-    and num_warps; the tile (BLOCK elements) is derived here (tile_elements)."""
-    chunk, warps = config["CHUNK"], config["num_warps"]
+    device. dtypes are triton dtypes; config is a tuning config (CHUNK, BLOCK, num_warps),
+    turned into this kernel's chunk, tile and warps by launch_shape; the chunk table must be
+    built with that chunk."""
+    chunk, tile, warps = launch_shape(block_size, config)
     _adam8bit_kernel[(n_chunks,)](
         table, n_rows, chunks, hyper, maps, grad_scale, found_inf, clip_coef, int(seed),
         PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype,
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), WD_MODE=wd_mode,
         MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned),
-        CHUNK=chunk, BLOCK=tile_elements(block_size, chunk, warps, whole_chunk), QBLOCK=block_size,
-        num_warps=warps, enable_fp_fusion=ENABLE_FP_FUSION,
+        CHUNK=chunk, BLOCK=tile, QBLOCK=block_size, num_warps=warps, enable_fp_fusion=ENABLE_FP_FUSION,
+        # every register a thread may have: left to itself, ptxas gives the bf16 stochastic-
+        # rounding variant 168 and spills 4 words across the loop
+        maxnreg=MAX_REGISTERS,
     )

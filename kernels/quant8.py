@@ -24,8 +24,11 @@ import triton.language as tl
 INF = tl.constexpr(float("inf"))
 NAN_BITS = tl.constexpr(0x7FC00000)  # a NaN global would never compare equal to itself (Triton rejects it)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
+TWO_64 = tl.constexpr(2.0**64)
+TWO_M64 = tl.constexpr(2.0**-64)
 # rows of map_tables
 SIGNED_VALUES, SIGNED_TREE, UNSIGNED_VALUES, UNSIGNED_TREE = 0, 1, 2, 3
+MAP_ROWS = 4
 
 
 def eytzinger(thresholds):
@@ -77,12 +80,17 @@ def block_absmax(x, mask):
 @triton.jit
 def quantize(x, absmax, tree, root, N: tl.constexpr):
     """uint8 codes [ROWS, QBLOCK] of fp32 x [ROWS, QBLOCK] (N elements) with their blocks'
-    absmax [ROWS]: y = x / absmax (IEEE division; 0 where absmax is 0 or NaN), code =
-    #{i : t[i] <= y} over the map's 255 sorted decision points t: the nearest map value, a
-    tie going up. Eight steps down the Eytzinger tree (node j -> 2j+1 + (y >= t_j)); the
-    first compares with the scalar root (tree[0]), the other seven gather from `tree`."""
+    absmax [ROWS]: y = x * (1 / absmax) (the reciprocal an IEEE division per block, the
+    product rounded on its own; y = 0 where absmax is 0 or NaN; x and absmax both scaled by
+    2^64 for an absmax below 2^-64, by 2^-64 above 2^64), code = #{i : t[i] <= y} over
+    the map's 255 sorted decision points t: the nearest map value, a tie going up. Eight
+    steps down the Eytzinger tree (node j -> 2j+1 + (y >= t_j)); the first compares with the
+    scalar root (tree[0]), the other seven gather from `tree`."""
     ok = absmax > 0
-    y = tl.where(ok[:, None], tl.div_rn(x, tl.where(ok, absmax, 1.0)[:, None]), 0.0)
+    # both scaled by a power of two where the reciprocal would overflow or be subnormal
+    scale = tl.where(absmax < TWO_M64, TWO_64, tl.where(absmax > TWO_64, TWO_M64, 1.0))
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(ok, absmax * scale, 1.0))
+    y = tl.where(ok[:, None], (x * scale[:, None]) * inv[:, None], 0.0)
     y = tl.reshape(y, [N])  # (tl.gather takes operands of one rank)
     j = tl.where(y >= root, 2, 1)
     for _ in tl.static_range(7):

@@ -1,12 +1,16 @@
 """RMSprop (plain, centered, with momentum): one launch updates every tensor of a bucket.
 
-Math (torch.optim.RMSprop, computed in fp32; no bias correction):
+Math (torch.optim.RMSprop, computed in fp32 with IEEE sqrt and division like torch's CUDA
+kernels, scalars as fp32; no bias correction):
     g = -grad if maximize else grad;  g = g / grad_scale (AMP) * clip_coef;  L2: g = g + wd * p
     v = alpha * v + (1 - alpha) * g * g
     centered: ga = lerp(ga, g, 1 - alpha);  avg = sqrt(v - ga * ga) + eps
     else:     avg = sqrt(v) + eps                          (eps added after the sqrt)
     momentum: buf = mu * buf + g / avg;  p = p - lr * buf
     else:     p = p - lr * g / avg
+Centered: v - ga * ga is formed from v and ga as stored (rounded to 16-bit states), as
+torch forms it, and clamped at 0 (rounding can make it a tiny negative number: NaN in torch
+unless its 16-bit difference rounds to -0).
 State slots of the tensor table: STATE0 square_avg, STATE1 momentum_buffer, STATE2 grad_avg.
 """
 
@@ -18,15 +22,19 @@ from ._common import (
     STATE0,
     STATE1,
     STATE2,
+    block_for,
     chunk_prologue,
     field_ptr,
     hyper_f32,
+    launch_options,
     lerp,
     load_f32,
     load_param,
     param_ptrs,
+    round_to,
     store_f32,
     store_param,
+    unscale_clip_sign,
 )
 
 # Columns of RMSprop's hyperparameter rows (after lr's): float64 values from the host
@@ -39,46 +47,62 @@ N_HYPER = tl.constexpr(N_LR + 5)
 
 
 @triton.jit
-def _rmsprop_chunk(
+def _rmsprop_blocks(
     param_ptr, master_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,  # typed pointers
     start, numel,  # first element of the chunk, elements in the tensor
+    first_block, end_block,  # blocks [first_block, end_block) of the chunk, BLOCK elements each
     grad_div, clip, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
+    SCALED: tl.constexpr, CLIPPED: tl.constexpr,  # grads are divided by grad_div / multiplied by clip
     PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
     CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, seed,
-    MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    for off in range(0, CHUNK, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
+    b = first_block
+    while b < end_block:  # (not range(): Triton 3.6's interpreter needs a constant bound)
+        first = start + b * BLOCK
+        offs = first + tl.arange(0, BLOCK)
         if MASKED:  # (compiled Triton cannot return None from a helper, so this stays inline)
             mask = offs < numel
         else:
             mask = None
-        # load and widen to fp32
-        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE) / grad_div * clip
+        # load every operand before the first store: the pointers come from a table, so the
+        # compiler must assume a store may alias them and would not move a load above it
+        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE)
         p = load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE, MASTER)
         v = load_f32(square_avg_ptr, offs, mask, STATE_DTYPE)
-        if MAXIMIZE:
-            g = -g
+        if CENTERED:
+            ga = load_f32(grad_avg_ptr, offs, mask, STATE_DTYPE)
+        if MOMENTUM:
+            buf = load_f32(momentum_buffer_ptr, offs, mask, STATE_DTYPE)
+        g = unscale_clip_sign(g, grad_div, clip, SCALED, CLIPPED, MAXIMIZE)  # then L2
         if WEIGHT_DECAY:
             g = g + weight_decay * p
         # running averages; eps after the sqrt
         v = alpha * v + one_minus_alpha * g * g
-        store_f32(square_avg_ptr, offs, v, mask, STATE_DTYPE)
         if CENTERED:
-            ga = lerp(load_f32(grad_avg_ptr, offs, mask, STATE_DTYPE), g, one_minus_alpha)
-            store_f32(grad_avg_ptr, offs, ga, mask, STATE_DTYPE)
-            avg = tl.sqrt(v - ga * ga) + eps
+            ga = lerp(ga, g, one_minus_alpha)
+            # v - ga^2 of the stored (16-bit: rounded) v and ga, as torch forms it: from the
+            # unrounded ones it can be negative where torch's is not. It is >= 0 in exact
+            # arithmetic, but rounded it can be a tiny negative number, whose sqrt is NaN:
+            # clamp at 0 (a NaN stays NaN)
+            var = round_to(v, STATE_DTYPE) - round_to(ga, STATE_DTYPE) * round_to(ga, STATE_DTYPE)
+            avg = tl.sqrt_rn(tl.maximum(var, 0.0, propagate_nan=tl.PropagateNan.ALL)) + eps
         else:
-            avg = tl.sqrt(v) + eps
+            avg = tl.sqrt_rn(v) + eps
         # update and write back
         if MOMENTUM:
-            buf = momentum * load_f32(momentum_buffer_ptr, offs, mask, STATE_DTYPE) + g / avg
-            store_f32(momentum_buffer_ptr, offs, buf, mask, STATE_DTYPE)
+            buf = momentum * buf + tl.div_rn(g, avg)
             p = p - lr * buf
         else:
-            p = p - lr * (g / avg)
-        store_param(param_ptr, master_ptr, offs, p, mask, PARAM_DTYPE, MASTER, STOCHASTIC, seed)
+            p = p - lr * tl.div_rn(g, avg)
+        store_f32(square_avg_ptr, offs, v, mask, STATE_DTYPE)
+        if CENTERED:
+            store_f32(grad_avg_ptr, offs, ga, mask, STATE_DTYPE)
+        if MOMENTUM:
+            store_f32(momentum_buffer_ptr, offs, buf, mask, STATE_DTYPE)
+        store_param(param_ptr, master_ptr, offs, p, mask, first, seed, PARAM_DTYPE, MASTER, STOCHASTIC, BLOCK)
+        b += 1
 
 
 @triton.jit(do_not_specialize=["n_rows", "seed"])
@@ -96,7 +120,7 @@ def _rmsprop_kernel(
     WEIGHT_DECAY: tl.constexpr,
     MASTER: tl.constexpr,  # field MASTER_COPY holds an fp32 master copy of the (bf16/fp16) param
     STOCHASTIC: tl.constexpr,  # round bf16 param stores stochastically
-    ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full chunks
+    ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full blocks
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # which tensor, which part of it, and the shared per-step scalars
@@ -122,21 +146,27 @@ def _rmsprop_kernel(
     momentum = hyper_f32(hyper, H_MOMENTUM)
 
     if run:
-        # full chunks of aligned tensors take the unmasked (128-bit) path
-        if ALIGNED and start + CHUNK <= numel:
-            _rmsprop_chunk(
+        # the chunk's full blocks take the unmasked (128-bit) path when every pointer is
+        # aligned; the last partial block of a tensor, or every block of an unaligned one,
+        # the masked path
+        size = tl.minimum(numel - start, CHUNK).to(tl.int32)
+        n_full = 0
+        if ALIGNED:
+            n_full = size // BLOCK
+            _rmsprop_blocks(
                 param_ptr, master_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
-                start, numel, grad_div, clip, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                start, numel, 0, n_full, grad_div, clip, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
+                grad_scale_ptr is not None, clip_coef_ptr is not None,
                 PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
-                MASTER, STOCHASTIC, seed, False, CHUNK, BLOCK,
+                MASTER, STOCHASTIC, seed, False, BLOCK,
             )
-        else:
-            _rmsprop_chunk(
-                param_ptr, master_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
-                start, numel, grad_div, clip, lr32, alpha, one_minus_alpha, eps, weight_decay, momentum,
-                PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
-                MASTER, STOCHASTIC, seed, True, CHUNK, BLOCK,
-            )
+        _rmsprop_blocks(
+            param_ptr, master_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr,
+            start, numel, n_full, tl.cdiv(size, BLOCK), grad_div, clip, lr32, alpha, one_minus_alpha, eps,
+            weight_decay, momentum, grad_scale_ptr is not None, clip_coef_ptr is not None,
+            PARAM_DTYPE, GRAD_DTYPE, STATE_DTYPE, CENTERED, MOMENTUM, MAXIMIZE, WEIGHT_DECAY,
+            MASTER, STOCHASTIC, seed, True, BLOCK,
+        )
 
 
 def rmsprop_hyper_row(alpha, eps, weight_decay, momentum):
@@ -152,13 +182,17 @@ def rmsprop_update(
     """Launch the RMSprop update over every chunk of a bucket (one launch, any number of
     param groups: each tensor's group row of `hyper` holds its lr, alpha, eps, weight decay
     and momentum). centered, momentum and weight_decay are the code-shaping flags (momentum
-    > 0, weight_decay != 0). dtypes are triton dtypes; config is a dict with CHUNK, BLOCK,
-    num_warps."""
+    > 0, weight_decay != 0). dtypes are triton dtypes; config is a dict with CHUNK, BLOCK
+    (in 4-byte elements, see block_for), num_warps."""
+    dtypes = (param_dtype, grad_dtype, state_dtype) + ((tl.float32,) if master else ())
+    block = block_for(config, *dtypes)
+    n_states = 1 + bool(centered) + bool(momentum)
+    loads = (grad_dtype, tl.float32 if master else param_dtype) + (state_dtype,) * n_states
     _rmsprop_kernel[(n_chunks,)](
         table, n_rows, chunks, hyper, grad_scale, found_inf, clip_coef, int(seed),
         PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype, STATE_DTYPE=state_dtype,
         CENTERED=bool(centered), MOMENTUM=bool(momentum), MAXIMIZE=bool(maximize),
         WEIGHT_DECAY=bool(weight_decay),
         MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned),
-        CHUNK=config["CHUNK"], BLOCK=config["BLOCK"], num_warps=config["num_warps"],
+        CHUNK=config["CHUNK"], BLOCK=block, **launch_options(config, block, aligned, *loads),
     )

@@ -157,3 +157,53 @@ def torch_adam(params, **kw):
 
 def torch_adamw(params, **kw):
     return torch.optim.AdamW(params, foreach=False, **kw)
+
+
+def run_in_child(module, function, *args, timeout=300):
+    """Run tests/<module>.py's `function(*args)` (string args) in a fresh Python process, so
+    that a crash (segfault, abort) fails one test instead of the whole run. The child gets
+    the test set-up of conftest (interpreter, device). Fails with the child's output when it
+    exits non-zero or dies on a signal."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests_dir = Path(__file__).resolve().parent
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import conftest; "
+        f"import {module} as m; m.{function}(*sys.argv[2:])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tests_dir), *map(str, args)],
+        cwd=tests_dir.parent, env=dict(os.environ), capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        raise AssertionError(f"child {module}.{function}{tuple(args)}: {how}\n"
+                             f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout
+
+
+def run_spawned(worker, kind, tmp_path, world, deadline_s):
+    """Run worker(rank, kind, rendezvous file, out dir) in `world` spawned processes (e.g. gloo
+    ranks with a file rendezvous), within deadline_s seconds; each rank writes
+    <kind>-<rank>.json into tmp_path, and the list of those results is returned."""
+    import json
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(kind, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{kind}: workers did not finish within {deadline_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [json.load(open(tmp_path / f"{kind}-{rank}.json")) for rank in range(world)]

@@ -70,6 +70,25 @@ def test_cuda_graph_replay_matches_eager(cls, kw):
             torch.testing.assert_close(opt_g.state[b][k], v, rtol=0, atol=0)
 
 
+def test_changing_tables_during_capture_raises():
+    """A float lr changed right before capture would need a host-to-device copy inside the
+    graph: step() refuses with a clear error instead of capturing a copy of host memory."""
+    params = _params()
+    opt = adam_triton.AdamW(params, lr=1e-3, capturable=True)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    opt.param_groups[0]["lr"] = 5e-4
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        with torch.cuda.graph(graph):
+            opt.step()
+
+
 def test_no_host_sync_in_step():
     params = _params()
     opt = adam_triton.AdamW(params, lr=torch.tensor(1e-3, device="cuda"), max_grad_norm=1.0)

@@ -4,13 +4,12 @@ agree. Rendezvous through a file in a temp dir; every run has a deadline."""
 
 import json
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _util import run_spawned
 from conftest import DEVICE
 
 WORLD = 2
@@ -99,20 +98,7 @@ def _worker(rank, kind, rdv, out_dir):
 
 
 def _run(kind, tmp_path):
-    ctx = mp.start_processes(
-        _worker, args=(kind, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD, join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{kind}: workers did not finish within {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    return [json.load(open(tmp_path / f"{kind}-{r}.json")) for r in range(WORLD)]
+    return run_spawned(_worker, kind, tmp_path, WORLD, DEADLINE_S)
 
 
 @pytest.mark.parametrize("kind", ["fsdp2", "fsdp2_clip"])
