@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from . import reference
+from . import reference, tuning
 from ._base import _kernels
 from ._state import Slot
 from ._tensors import KERNEL_DTYPES, is_dtensor, local, real
@@ -43,6 +43,12 @@ def _check_8bit_options(block_size, min_8bit_size):
         raise ValueError(f"Invalid block_size value: {block_size} (a power of two from {MIN_BLOCK} to {MAX_BLOCK})")
     if not isinstance(min_8bit_size, int) or isinstance(min_8bit_size, bool) or min_8bit_size < 0:
         raise ValueError(f"Invalid min_8bit_size value: {min_8bit_size}")
+
+
+def _whole_chunk(config):
+    """Whether a launch with config takes its chunk as one tile: under the interpreter's
+    config (its operations cost the same at any size)."""
+    return config == tuning.INTERPRETER_CONFIG
 
 
 def _device_maps(device):
@@ -153,13 +159,13 @@ class Adam8bit(Adam):
             wd_mode=kernels.WD_L2 if wd_mode == "l2" else kernels.WD_DECOUPLED,
             param_dtype=p_dtype, grad_dtype=g_dtype, aligned=tables.aligned, config=bucket.config,
             grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, master=bucket.master,
-            stochastic=bucket.stochastic, seed=self.seed,
+            stochastic=bucket.stochastic, seed=self.seed, whole_chunk=_whole_chunk(bucket.config),
         )
 
     def _chunk_elements(self, bucket, config):
         if bucket.slot_keys[0] != "exp_avg" + CODES:
             return super()._chunk_elements(bucket, config)
-        return _kernels().adam8bit.launch_shape(bucket.flags[3], config)[0]
+        return _kernels().adam8bit.launch_shape(bucket.flags[3], config, _whole_chunk(config))[0]
 
     def _reference(self, group, tensor_lists, steps, grad_scale, compute_dtype):
         if tensor_lists[2] is None or tensor_lists[2][0].dtype != torch.uint8:

@@ -24,7 +24,6 @@ import triton.language as tl
 
 from . import quant8
 from ._common import (
-    INTERPRETED,
     STATE0,
     STATE1,
     STATE2,
@@ -237,17 +236,17 @@ def _adam8bit_kernel(
         )
 
 
-def launch_shape(block_size, config):
+def launch_shape(block_size, config, whole_chunk=False):
     """(CHUNK, BLOCK, num_warps) of an 8-bit launch with the (Adam-style) config: a tile of
     ELEMS_PER_THREAD elements per thread (at least one quantization block: more warps for a
     block larger than that), and a chunk of as many tiles as Adam's fp32 kernel takes
     iterations (config CHUNK / BLOCK), so the programs keep as many loads in flight per
-    dependent prologue. Under the interpreter (where every operation costs the same whatever
-    its size) one tile is the whole config chunk. The host builds its chunk table with the
+    dependent prologue. With whole_chunk (the interpreter's choice: there every operation
+    costs the same whatever its size) one tile is the whole config chunk. The host builds its chunk table with the
     same CHUNK (Adam8bit._chunk_elements). Raises ValueError unless the chunk is a multiple
     of block_size (both are powers of two)."""
     chunk, warps = config["CHUNK"], config["num_warps"]
-    if INTERPRETED:
+    if whole_chunk:
         tile = chunk
     else:
         warps = max(warps, block_size // (ELEMS_PER_THREAD * 32))
@@ -261,14 +260,14 @@ def launch_shape(block_size, config):
 def adam8bit_update(
     table, n_rows, chunks, n_chunks, hyper, maps, *, block_size, amsgrad, maximize, wd_mode, param_dtype,
     grad_dtype, aligned, config, grad_scale=None, found_inf=None, clip_coef=None, master=False,
-    stochastic=False, seed=0,
+    stochastic=False, seed=0, whole_chunk=False,
 ):
     """Launch the 8-bit Adam update over every chunk of a bucket (one launch, any number of
     param groups; each tensor's row of `hyper` is Adam's). maps: quant8.map_tables on the
     device. dtypes are triton dtypes; config is a tuning config (CHUNK, BLOCK, num_warps),
     turned into this kernel's chunk, tile and warps by launch_shape; the chunk table must be
     built with that chunk."""
-    chunk, tile, warps = launch_shape(block_size, config)
+    chunk, tile, warps = launch_shape(block_size, config, whole_chunk)
     _adam8bit_kernel[(n_chunks,)](
         table, n_rows, chunks, hyper, maps, grad_scale, found_inf, clip_coef, int(seed),
         PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype,
