@@ -176,6 +176,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         lr_columns = [float(lr), 0, 0] if not isinstance(lr, torch.Tensor) else _lr_tensor_columns(lr, device)
         return lr_columns + self._hyper_columns(group)
 
+    def _chunk_elements(self, bucket, config):
+        """Elements per program of a launch of bucket with config (the chunk table's chunk)."""
+        return config["CHUNK"]
+
     def _bench_scratch(self, bucket, hyper, config):
         """Milliseconds of one launch with config on random scratch tensors shaped like the
         bucket (never the user's tensors: tuning cannot apply an update twice)."""
@@ -196,7 +200,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for n in tuning.scratch_numels([e.kparam.numel() for e in bucket.entries])
         ]
         scratch = TensorTable([list(c) for c in zip(*rows)], device)
-        chunks, n_chunks = chunk_table([r[0] for r in rows], config["CHUNK"], device)
+        chunks, n_chunks = chunk_table([r[0] for r in rows], self._chunk_elements(bucket, config), device)
         saved = bucket.config, bucket.chunks, bucket.n_chunks
         bucket.config, bucket.chunks, bucket.n_chunks = config, chunks, n_chunks
         try:

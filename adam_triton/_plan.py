@@ -209,7 +209,7 @@ class Plan:
                     tuning.size_class(numels))
         b.config = tuning.config_for(tune_key, lambda config: opt._bench_scratch(b, self.hyper[b.device], config))
         b.tables = TensorTable(b.fields(), b.device)
-        b.chunks, b.n_chunks = chunk_table(numels, b.config["CHUNK"], b.device)
+        b.chunks, b.n_chunks = chunk_table(numels, opt._chunk_elements(b, b.config), b.device)
 
     def _snapshot(self, opt):
         """What refresh compares against: the groups, every param and its grad, the state

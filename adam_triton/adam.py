@@ -78,7 +78,7 @@ class Adam(FusedOptimizer):
 
     def _launch(self, bucket, tables, hyper, grad_scale=None, found_inf=None, clip_coef=None):
         kernels = _kernels()
-        amsgrad, maximize, wd_mode = bucket.flags
+        amsgrad, maximize, wd_mode = bucket.flags[:3]  # (Adam8bit's flags add its block size)
         p_dtype, g_dtype, s_dtype = bucket.tl_dtypes
         kernels.adam_update(
             tables.table, tables.n_rows, bucket.chunks, bucket.n_chunks, hyper,

@@ -19,6 +19,10 @@ formula is the fewest bytes a step must move: every input read once, every outpu
 bf16 modes (adam-fp32-states, adam-master): adam-triton's options state_dtype=fp32 (+
 master_weights); torch has neither, so its fused step on the same bf16 params (bf16 states)
 is shown beside, each implementation's GB/s from its own formula.
+  8-bit states     read p, g, m and v codes; write p and     2P + G + 4 + 16/block
+  (adamw-8bit)     the codes; + read/write 2 fp32 absmax      (fp32 16.0625, bf16 10.0625
+                   per block                                  at block 256); torch's
+                                                              fused AdamW beside (28, 14)
   device copy      read src, write dst                      2 x size
 GB/s = bytes formula x elements / median time, the same formula for every implementation:
 a rate of useful work, not a count of what each implementation actually moves.
@@ -140,6 +144,17 @@ def numel_of(shape):
 # ---------------------------------------------------------------------------------------------
 
 
+def adam8bit_bytes_per_elem(param_bytes, grad_bytes, block_size=256, amsgrad=False, clip=False):
+    """Fewest bytes one Adam step on 8-bit block-wise states moves per element: read p, g and
+    the uint8 codes of m, v; write p and the codes; each state's fp32 absmax read and written
+    once per block (AMSGrad: + vmax's codes and absmax; clip: + one more read of g)."""
+    states = 3 if amsgrad else 2
+    n = 2 * param_bytes + grad_bytes + 2 * states + 2 * states * 4 / block_size
+    if clip:
+        n += grad_bytes
+    return n
+
+
 def adam_bytes_per_elem(param_bytes, grad_bytes, state_bytes, amsgrad=False, clip=False, master=False):
     """Fewest bytes one Adam/AdamW step moves per element: read p, g, m, v; write p, m, v
     (AMSGrad: + read/write vmax; clip: + one more read of g for the norm; master: the fp32
@@ -187,14 +202,21 @@ OURS_NAME = "adam-triton"
 @dataclass(frozen=True)
 class Variant:
     """One optimizer configuration: the class name (in torch.optim and adam_triton), its
-    hyperparameters, the max grad norm for clip+step (None: no clipping), and options only
-    adam-triton has (state_dtype, master_weights), which torch's baselines run without."""
+    hyperparameters, the max grad norm for clip+step (None: no clipping), options only
+    adam-triton has (state_dtype, master_weights), which torch's baselines run without, and
+    adam-triton's class where it has its own (AdamW8bit: torch's AdamW runs beside)."""
 
     name: str
     cls: str
     hyper: dict = field(default_factory=dict)
     clip: float = None
     ours: dict = field(default_factory=dict)
+    ours_cls: str = None
+
+    @property
+    def our_cls(self):
+        """The adam_triton class name."""
+        return self.ours_cls or self.cls
 
     def bytes_per_elem(self, dtype, clip=None, impl=OURS_NAME):
         """Bytes formula of impl for params and grads of dtype; states of dtype unless
@@ -202,6 +224,9 @@ class Variant:
         b = element_size(dtype)
         clip = self.clip is not None if clip is None else clip
         ours = self.ours if impl == OURS_NAME else {}
+        if impl == OURS_NAME and self.our_cls.endswith("8bit"):
+            return adam8bit_bytes_per_elem(b, b, ours.get("block_size", 256), amsgrad=bool(self.hyper.get("amsgrad")),
+                                           clip=clip)
         if ours.get("state_dtype") is not None:
             s_bytes = element_size(ours["state_dtype"])
             return adam_bytes_per_elem(b, b, s_bytes, clip=clip, master=bool(ours.get("master_weights")))
@@ -215,6 +240,9 @@ class Variant:
     def formula(self):
         if self.cls == "RMSprop":
             text = "2P + G + 2S (read p, g, v; write p, v)"
+        elif self.our_cls.endswith("8bit"):
+            text = ("2P + G + 4 + 16/block (read p, g, uint8 m, v; write p, m, v; 2 fp32 absmax read and written per "
+                    "block of 256); torch: 2P + G + 4S")
         elif self.ours.get("master_weights"):
             text = "P + 8 + G + 4S (read master, g, m, v; write p, master, m, v); torch: 2P + G + 4S"
         elif self.ours.get("state_dtype") is not None:
@@ -238,6 +266,8 @@ VARIANTS = {
     "adam-master": Variant(
         "adam-master", "Adam", {"lr": 1e-3}, ours={"state_dtype": torch.float32, "master_weights": True}
     ),
+    # 8-bit block-wise states (adam_triton.AdamW8bit; torch's fused AdamW beside)
+    "adamw-8bit": Variant("adamw-8bit", "AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, ours_cls="AdamW8bit"),
 }
 
 OURS = OURS_NAME
@@ -249,7 +279,7 @@ IMPLS = (OURS,) + BASELINES + CLIP_BASELINES
 def impls_for(variant):
     """adam-triton first (the speed-ups divide by its time), then the torch baselines (for
     adam-triton-only options, torch's fused step as it stands, beside)."""
-    if variant.ours:
+    if variant.ours or variant.ours_cls:
         return (OURS, "torch-fused")
     return (OURS,) + (CLIP_BASELINES if variant.clip is not None else BASELINES)
 
@@ -265,16 +295,16 @@ def build(impl, variant, params, interpreter_demo=False):
     if impl == OURS:
         import adam_triton
 
-        cls = getattr(adam_triton, variant.cls, None)
+        cls = getattr(adam_triton, variant.our_cls, None)
         if cls is None:
-            raise Skip(f"adam_triton has no {variant.cls}")
+            raise Skip(f"adam_triton has no {variant.our_cls}")
         if variant.clip is not None:
             hyper["max_grad_norm"] = variant.clip
         hyper.update(variant.ours)
         try:
             opt = cls(params, **hyper)
         except TypeError as exc:
-            raise Skip(f"adam_triton.{variant.cls} does not take {sorted(hyper)}: {exc}") from None
+            raise Skip(f"adam_triton.{variant.our_cls} does not take {sorted(hyper)}: {exc}") from None
         return opt.step, opt
     cls = getattr(torch.optim, variant.cls)
     if impl == "torch-clip+fused":
@@ -1039,14 +1069,14 @@ def tune_case(label, variant, params, results, out=print):
     variant."""
     import adam_triton
 
-    cls = getattr(adam_triton, variant.cls, None)
+    cls = getattr(adam_triton, variant.our_cls, None)
     hyper = dict(variant.hyper)
     if variant.clip is not None:
         hyper["max_grad_norm"] = variant.clip
     hyper.update(variant.ours)
     try:
         if cls is None:
-            raise TypeError(f"adam_triton has no {variant.cls}")
+            raise TypeError(f"adam_triton has no {variant.our_cls}")
         opt = cls(params, **hyper)
     except TypeError as exc:
         out(f"{label}: skipped ({exc})")

@@ -1,6 +1,7 @@
 """The `adam-triton` command: `check` (our optimizers against torch.optim and an fp64
-reference), `demo` (a small model trained with ours and with torch.optim.Adam side by
-side), and `bench` / `tune` where adam_triton.bench provides them.
+reference; the 8-bit ones against the 8-bit reference), `demo` (a small model trained with
+ours and with torch.optim.Adam side by side), and `bench` / `tune` where adam_triton.bench
+provides them.
 
 On a machine without CUDA, `check` and `demo` switch Triton's interpreter on
 (TRITON_INTERPRET=1, unless the variable is already set) so the kernels themselves run on
@@ -211,6 +212,134 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 ROW_FORMAT = "{case:<30} {dtype:<5} {ours_torch:>15} {ours_ref:>15} {torch_ref:>16} {bound:>11}  {result}"
 
 
+# -- check: 8-bit states ----------------------------------------------------------------------
+# min_8bit_size of the 8-bit rows: of CHECK_SHAPES, 1025, 4097 and 33 x 65 get 8-bit states,
+# 1 and 17 keep fp32 states (Adam's kernel), as in a model.
+CHECK_MIN_8BIT = 1000
+# An 8-bit row passes when no code is more than one apart from the reference's, at most this
+# share is one apart (a value at a decision point that fp32 rounding decides otherwise; none
+# through the interpreter), absmax agree to this relative error, and params are within the
+# bound: FP32_ATOL (fp32) or one bf16 ulp (bf16 params), times max(1, max|ref|).
+MAX_CODES_ONE_APART = 1e-3
+ABSMAX_RTOL = 1e-6
+ROW8_FORMAT = "{case:<30} {dtype:<5} {ours_ref:>14} {one_apart:>14} {further:>8} {absmax:>11} {bound:>11}  {result}"
+
+
+def check_cases_8bit():
+    """(name, optimizer class name, constructor kwargs) of the 8-bit rows of `check`."""
+    return [
+        ("AdamW8bit", "AdamW8bit", dict(lr=1e-2)),
+        ("Adam8bit wd=0.1 amsgrad", "Adam8bit", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+        ("AdamW8bit block 64 maximize", "AdamW8bit", dict(lr=1e-2, block_size=64, maximize=True)),
+    ]
+
+
+def reference_run_8bit(group, init, grads):
+    """adam_triton.reference on CPU copies of init: adam8bit_step (8-bit states) for tensors of
+    at least the group's min_8bit_size, adam_step in fp32 (upcast_step) for smaller ones;
+    returns (params, {state key: tensors}) in the optimizer's state layout."""
+    from . import reference
+
+    beta1, beta2 = (float(b) for b in group["betas"])
+    hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                 amsgrad=group["amsgrad"], maximize=group["maximize"],
+                 decoupled_weight_decay=group["decoupled_weight_decay"])
+    names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+    params, states = [], []
+    for t, tensor_grads in zip(init, zip(*grads)):
+        p, step = t.clone(), torch.zeros(())
+        if t.numel() >= group["min_8bit_size"]:
+            blocks = -(-t.numel() // group["block_size"])
+            st = {name: [torch.full(t.shape, 127 if name == "exp_avg" else 0, dtype=torch.uint8), torch.zeros(blocks)]
+                  for name in names}
+            for g in tensor_grads:
+                reference.adam8bit_step([p], [g], [st["exp_avg"]], [st["exp_avg_sq"]], [st.get("max_exp_avg_sq")],
+                                        [step], block_size=group["block_size"], **hyper)
+            st = {f"{name}_{kind}": pair[k] for name, pair in st.items() for k, kind in enumerate(("codes", "absmax"))}
+        else:
+            st = {name: torch.zeros(t.shape) for name in names}
+            for g in tensor_grads:
+                reference.upcast_step(reference.adam_step, [[p], [g], *[[st[n]] for n in names],
+                                                            *([None] if len(names) == 2 else [])],
+                                      [step], torch.float32, **hyper)
+        params.append(p)
+        states.append(dict(st, step=step))
+    return params, states
+
+
+def run_check_case_8bit(name, cls_name, kwargs, dtype, device, steps):
+    """One 8-bit row of `check`: adam_triton.<cls_name> (min_8bit_size CHECK_MIN_8BIT) in dtype
+    on device against reference_run_8bit from the same params and grads, over CHECK_SHAPES."""
+    import adam_triton
+
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen).to(dtype) for s in CHECK_SHAPES]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in CHECK_SHAPES] for _ in range(steps)]
+    params = [torch.nn.Parameter(t.to(device).clone()) for t in init]
+    opt = getattr(adam_triton, cls_name)(params, min_8bit_size=CHECK_MIN_8BIT, **kwargs)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.to(device).clone()
+        opt.step()
+    ref_params, ref_states = reference_run_8bit(opt.param_groups[0], init, grads)
+    row = dict(case=name, dtype=DTYPE_NAMES[dtype], one_apart=0, further=0, codes=0, absmax=0.0, failed=[])
+    for p, st, rp, rst in zip(params, (opt.state[p] for p in params), ref_params, ref_states):
+        if set(st) != set(rst):
+            row["failed"].append(f"state keys {sorted(st)} != {sorted(rst)}")
+            continue
+        for key, ref_value in rst.items():
+            ours = st[key].detach().cpu()
+            if key.endswith("_codes"):
+                d = (ours.int() - ref_value.int()).abs()
+                row["codes"] += d.numel()
+                row["one_apart"] += int((d == 1).sum())
+                row["further"] += int((d > 1).sum())
+            elif key.endswith("_absmax"):
+                rel = ((ours.double() - ref_value.double()).abs() / ref_value.double().abs().clamp_min(1e-38)).max()
+                row["absmax"] = max(row["absmax"], float(rel))
+            elif key != "step" and _max_abs_diff([ours], [ref_value]) > FP32_ATOL * max(1.0, ref_value.abs().max()):
+                row["failed"].append(key)
+    scale = max([1.0] + [t.abs().max().item() for t in ref_params])
+    row["ours_ref"] = _max_abs_diff(params, ref_params)
+    row["bound"] = (FP32_ATOL if dtype == torch.float32 else 2.0**-8) * scale
+    if not row["ours_ref"] <= row["bound"]:
+        row["failed"].append("param")
+    if row["further"] or row["one_apart"] > MAX_CODES_ONE_APART * row["codes"]:
+        row["failed"].append("codes")
+    if not row["absmax"] <= ABSMAX_RTOL:
+        row["failed"].append("absmax")
+    return row
+
+
+def _print_8bit_rows(device, steps):
+    """The 8-bit section of `check`; returns the number of failing rows."""
+    print()
+    print(f"8-bit states (Adam8bit / AdamW8bit, min_8bit_size {CHECK_MIN_8BIT}): against adam_triton.reference "
+          "(adam8bit_step for 8-bit tensors, adam_step in fp32 for smaller ones) from the same params and grads")
+    print(f"PASS if no code is more than one apart, at most {MAX_CODES_ONE_APART:g} of them one apart, absmax within "
+          f"{ABSMAX_RTOL:g} relative, and max|ours-ref| <= bound = {FP32_ATOL:g} (fp32) or 2^-8 (bf16) "
+          "* max(1, max|ref|)")
+    print(ROW8_FORMAT.format(case="case", dtype="dtype", ours_ref="max|ours-ref|", one_apart="codes 1 apart",
+                             further="further", absmax="absmax rel", bound="bound", result="result"))
+    failures = 0
+    for name, cls_name, kwargs in check_cases_8bit():
+        for dtype in (torch.float32, torch.bfloat16):
+            try:
+                row = run_check_case_8bit(name, cls_name, kwargs, dtype, device, steps)
+            except Exception as exc:  # a crash is a failing case; the others still run
+                traceback.print_exc()
+                row = dict(case=name, dtype=DTYPE_NAMES[dtype], ours_ref=math.nan, one_apart=0, codes=0, further=0,
+                           absmax=math.nan, bound=math.nan, failed=[f"{type(exc).__name__}: {exc}"])
+            failures += bool(row["failed"])
+            result = f"FAIL ({', '.join(row['failed'])})" if row["failed"] else "PASS"
+            print(ROW8_FORMAT.format(
+                case=row["case"], dtype=row["dtype"], ours_ref=f"{row['ours_ref']:.3e}",
+                one_apart=f"{row['one_apart']}/{row['codes']}", further=row["further"], absmax=f"{row['absmax']:.1e}",
+                bound=f"{row['bound']:.3e}", result=result,
+            ), flush=True)
+    return failures
+
+
 def cmd_check(args):
     """Print one row per (case, dtype) and return 1 if any row fails."""
     device = resolve_device(args.device)
@@ -244,6 +373,7 @@ def cmd_check(args):
                 ours_ref=f"{row['ours_ref']:.3e}", torch_ref=f"{row['torch_ref']:.3e}",
                 bound=f"{row['bound']:.3e}", result=result,
             ), flush=True)
+    failures += _print_8bit_rows(device, args.steps)
     print()
     print(f"{'FAIL' if failures else 'PASS'}: {failures} failing case(s) "
           f"({time.perf_counter() - start:.1f} s)")
@@ -289,7 +419,8 @@ def build_parser():
     check = sub.add_parser(
         "check", help="compare our optimizers with torch.optim and an fp64 reference",
         description="Run every optimizer for a few steps on tensors of odd sizes, in fp32 and bf16, "
-                    "against torch.optim (foreach=False) and adam_triton.reference in float64. "
+                    "against torch.optim (foreach=False) and adam_triton.reference in float64; the 8-bit "
+                    "optimizers against adam_triton.reference's 8-bit step, code for code. "
                     "Exit status 1 if any case fails.",
     )
     check.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

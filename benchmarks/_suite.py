@@ -67,7 +67,7 @@ def step_benchmark_fn(benchmark, workload_params, variant_name, workload, dtype_
             sync()
 
         numel = sum(p.numel() for p in params)
-        per_elem = variant.bytes_per_elem(params[0].dtype)
+        per_elem = variant.bytes_per_elem(params[0].dtype, impl=impl)  # (its own formula beside ours-only options)
         benchmark.group = f"{variant_name} {workload} {dtype_name}"
         benchmark.extra_info.update(
             variant=variant_name, workload=workload, dtype=dtype_name, impl=impl, numel=numel,

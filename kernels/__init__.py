@@ -7,11 +7,12 @@ distribution's top-level `kernels` module. One file per algorithm; shared pieces
 
 from ._common import increment_steps
 from .adam import WD_DECOUPLED, WD_L2, WD_NONE, adam_hyper_row, adam_update
+from .adam8bit import adam8bit_update
 from .norm import clip_coefficient, grad_sq_partials
 from .rmsprop import rmsprop_hyper_row, rmsprop_update
 
 __all__ = [
     "clip_coefficient", "grad_sq_partials", "increment_steps",
-    "adam_update", "adam_hyper_row", "WD_NONE", "WD_L2", "WD_DECOUPLED",
+    "adam_update", "adam_hyper_row", "WD_NONE", "WD_L2", "WD_DECOUPLED", "adam8bit_update",
     "rmsprop_update", "rmsprop_hyper_row",
 ]

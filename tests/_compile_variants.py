@@ -29,7 +29,9 @@ DTYPE_SETS = [  # (param, grad, state)
     ("fp32", "fp32", "fp32"), ("bf16", "bf16", "bf16"), ("fp16", "fp16", "fp16"),
     ("bf16", "bf16", "fp32"), ("fp16", "fp16", "fp32"), ("bf16", "fp32", "fp32"),
 ]
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "u8": 1}
+# (param, grad, state) of the 8-bit kernel: its states are uint8 codes with an fp32 absmax per block
+DTYPE_SETS_8BIT = [("fp32", "fp32", "u8"), ("bf16", "bf16", "u8"), ("fp16", "fp16", "u8"), ("bf16", "fp32", "u8")]
 # optional pointer arguments (a group's lr tensor is not one: the kernels read it through the
 # hyperparameter table, in every variant)
 OPTIONAL = ("grad_scale", "found_inf", "clip_coef")
@@ -39,6 +41,8 @@ FLAGS = {  # launcher flags besides dtypes and pointers: values, first is the ba
     "rmsprop": {"centered": [False, True], "momentum": [0.0, 0.9], "maximize": [False, True],
                 "weight_decay": [0.0, 0.01], "master": [False, True], "stochastic": [False, True]},
     "norm": {},
+    "adam8bit": {"amsgrad": [False, True], "maximize": [False, True], "wd_mode": [2, 1],
+                 "master": [False, True], "stochastic": [False, True], "block_size": [256, 64, 2048]},
 }
 SM90 = dict(regs=65536, max_warps=64, max_ctas=32, alloc=256)
 PROLOGUE_ROUND_TRIPS = 3  # chunk table -> table row -> step, before the first data load
@@ -52,22 +56,24 @@ def variants():
     out = []
     for name, flags in FLAGS.items():
         base = {f: vals[0] for f, vals in flags.items()}
-        dtype_sets = DTYPE_SETS if name != "norm" else [d for d in DTYPE_SETS if d[0] == d[1]][:3]
+        dtype_sets = {"norm": [d for d in DTYPE_SETS if d[0] == d[1]][:3], "adam8bit": DTYPE_SETS_8BIT}.get(
+            name, DTYPE_SETS)
         for dts in dtype_sets:
             for aligned in (True, False):
                 out.append((name, dts, aligned, base, ()))
         for flag, vals in flags.items():  # master / stochastic: for 16-bit params only
             for v in vals[1:]:
-                dts = DTYPE_SETS[3] if flag in ("master", "stochastic") else DTYPE_SETS[0]
+                dts = dtype_sets[3] if flag in ("master", "stochastic") else dtype_sets[0]
                 out.append((name, dts, True, {**base, flag: v}, ()))
         optional = ("grad_scale", "found_inf") if name == "norm" else OPTIONAL
         for p in optional:
-            out.append((name, DTYPE_SETS[0], True, base, (p,)))
+            out.append((name, dtype_sets[0], True, base, (p,)))
         if name != "norm":
             all_on = {f: vals[-1] for f, vals in flags.items()}
             all_on["master"] = False  # master and stochastic are alternatives
-            out.append((name, DTYPE_SETS[3], True, all_on, optional))
-            out.append((name, DTYPE_SETS[1], True, {**base, "stochastic": True}, ()))
+            all_on.update({"block_size": 256} if name == "adam8bit" else {})
+            out.append((name, dtype_sets[3], True, all_on, optional))
+            out.append((name, dtype_sets[1], True, {**base, "stochastic": True}, ()))
         if name == "rmsprop":
             out.append((name, DTYPE_SETS[2], True, {**base, "centered": True, "momentum": 0.9}, ()))
     out.append(("clip", (), False, {}, ()))
@@ -85,6 +91,9 @@ def streams(name, dts, flags):
     if name == "rmsprop":
         st = [s] + ([s] if flags["centered"] else []) + ([s] if flags["momentum"] else [])
         return [g, param_load] + st, st + param_store
+    if name == "adam8bit":  # the uint8 codes (each block's fp32 absmax: absmax_ld_bytes)
+        st = [1, 1] + ([1] if flags["amsgrad"] else [])
+        return [g, param_load] + st, st + param_store
     if name == "norm":
         return [g], []
     return [], []
@@ -97,11 +106,12 @@ def capture_launch(name, dts, aligned, flags, ptrs):
     import triton.language as tl
 
     from adam_triton import tuning
-    from adam_triton.kernels import adam, norm, rmsprop
+    from adam_triton.kernels import adam, adam8bit, norm, quant8, rmsprop
 
     tl_dt = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
     kern = {"adam": adam._adam_kernel, "rmsprop": rmsprop._rmsprop_kernel,
-            "norm": norm._grad_sq_partials_kernel, "clip": norm._clip_coef_kernel}[name]
+            "norm": norm._grad_sq_partials_kernel, "clip": norm._clip_coef_kernel,
+            "adam8bit": adam8bit._adam8bit_kernel}[name]
     got = {}
 
     def record(*args, grid, warmup, **kwargs):
@@ -120,10 +130,17 @@ def capture_launch(name, dts, aligned, flags, ptrs):
                               config=config, grad_scale=scalar["grad_scale"], found_inf=scalar["found_inf"])
     else:
         common = dict(
-            param_dtype=tl_dt[dts[0]], grad_dtype=tl_dt[dts[1]], state_dtype=tl_dt[dts[2]], aligned=aligned,
+            param_dtype=tl_dt[dts[0]], grad_dtype=tl_dt[dts[1]], aligned=aligned,
             config=config, grad_scale=scalar["grad_scale"], found_inf=scalar["found_inf"],
             clip_coef=scalar["clip_coef"], master=flags["master"], stochastic=flags["stochastic"], seed=7,
         )
+        if name == "adam8bit":
+            maps = torch.zeros(quant8.MAP_ROWS, 256, dtype=torch.float32)
+            adam8bit.adam8bit_update(table, 3, chunks, 3, hyper, maps, block_size=flags["block_size"],
+                                     amsgrad=flags["amsgrad"], maximize=flags["maximize"], wd_mode=flags["wd_mode"],
+                                     **common)
+            return kern, got["args"], got["kwargs"]
+        common["state_dtype"] = tl_dt[dts[2]]
         if name == "adam":
             adam.adam_update(table, 3, chunks, 3, hyper, amsgrad=flags["amsgrad"], maximize=flags["maximize"],
                              wd_mode=flags["wd_mode"], **common)
@@ -164,10 +181,13 @@ def compile_one(job):
             else:
                 signature[arg] = "i32"
         rec.update(options=options, block=constexprs.get("BLOCK"), chunk=constexprs.get("CHUNK"))
+        if name == "adam8bit":  # a thread's elements lie in one block: one fp32 absmax load per moment
+            rec["absmax_ld_bytes"] = 4 * (3 if flags["amsgrad"] else 2)
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
         ptx = compiled.asm["ptx"]
-        rec.update(ok=True, widths=sorted(set(re.findall(r"(?:ld|st)\.global(?:\.[a-z0-9]+)*", ptx))),
+        accesses = re.findall(r"(?:ld|st)\.global(?:\.[a-z0-9]+)*", ptx)
+        rec.update(ok=True, widths=sorted(set(accesses)), vector_accesses=sum(".v2" in a or ".v4" in a for a in accesses),
                    ptx_ops=ptx_ops(ptx), bf16_cvt=bool(re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx)))
         rec.update(sass_stats(compiled.asm["cubin"], rec, *streams(name, dts, flags)))
     except Exception as e:  # reported, and the test fails on it
@@ -219,6 +239,10 @@ def is_global(op, kind):
     return op.split(".")[0] in {"load": ("LDG",), "store": ("STG",)}[kind] and "CONSTANT" not in op
 
 
+def is_local(op):
+    return op.split(".")[0] in ("LDL", "STL")
+
+
 def access_bytes(op):
     return 16 if ".128" in op else 8 if ".64" in op else 2 if ".U16" in op or ".S16" in op else 4
 
@@ -231,7 +255,7 @@ def sass_stats(cubin, rec, load_streams, store_streams):
         res = subprocess.run([cuobjdump(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
     n_regs = int(re.search(r"REG:(\d+)", res).group(1))
     insns = parse(sass)
-    out = dict(regs=n_regs, local_accesses=sum(1 for _, _, op, _ in insns if op.split(".")[0] in ("LDL", "STL")))
+    out = dict(regs=n_regs, local_accesses=sum(1 for _, _, op, _ in insns if is_local(op)))
     # loops: backward branches; the hot one moves the most unpredicated >= 8-byte global loads
     index = {a: i for i, (a, _, _, _) in enumerate(insns)}
     best, best_bytes = None, 0
@@ -246,6 +270,7 @@ def sass_stats(cubin, rec, load_streams, store_streams):
                     best, best_bytes = body, b
     if best is None or not rec["aligned"]:
         return out
+    out["loop_local_accesses"] = sum(1 for _, _, op, _ in best if is_local(op))
     widths = {}
     for _, p, op, _ in best:
         if p is None and (is_global(op, "load") or is_global(op, "store")):
@@ -267,7 +292,7 @@ def sass_stats(cubin, rec, load_streams, store_streams):
     iters = rec["chunk"] // rec["block"]
     out.update(
         hot_widths=widths, late_loads=late, ld_bytes_per_thread=ld_bytes,
-        expected_ld_bytes=per_thread * sum(load_streams), expected_st_bytes=per_thread * sum(store_streams),
+        expected_ld_bytes=per_thread * sum(load_streams) + rec.get("absmax_ld_bytes", 0), expected_st_bytes=per_thread * sum(store_streams),
         st_bytes_per_thread=sum(access_bytes(o) for _, p, o, _ in best if p is None and is_global(o, "store")),
         ctas_per_sm=ctas,
         inflight_kb=ld_bytes * ctas * threads_cta * iters / (iters + PROLOGUE_ROUND_TRIPS) / 1024,
@@ -280,8 +305,9 @@ def main():
     caps = [int(c) for c in sys.argv[2:]] or [80, 90]
     # sm_90 (what the checks are about) gets every variant; older targets the base flags of
     # every dtype set on both paths (that each compiles, with IEEE math), to keep CI short
+    base = {name: {f: vals[0] for f, vals in flags.items()} for name, flags in FLAGS.items()}
     jobs = [(*v, cap) for cap in caps for v in variants()
-            if cap >= 90 or not any(v[3].values()) and not v[4]]
+            if cap >= 90 or v[3] == base.get(v[0], {}) and not v[4]]
     with ProcessPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(compile_one, jobs))
     with open(out_path, "w") as f:

@@ -86,6 +86,14 @@ def test_bytes_formulas():
         variant = bench.VARIANTS[name]
         assert (variant.bytes_per_elem(torch.float32), variant.bytes_per_elem(torch.bfloat16)) == (fp32, bf16)
     assert bench.VARIANTS["clip"].bytes_per_elem(torch.float32, clip=False) == 28
+    # 8-bit states: fp32 params 16 B/element + the absmax (2 states x 4 B read and written per block)
+    assert bench.adam8bit_bytes_per_elem(4, 4) == 16 + 16 / 256
+    assert bench.adam8bit_bytes_per_elem(2, 2, block_size=64) == 10 + 16 / 64
+    assert bench.adam8bit_bytes_per_elem(4, 4, amsgrad=True) == 18 + 24 / 256
+    eight = bench.VARIANTS["adamw-8bit"]
+    assert eight.bytes_per_elem(torch.float32) == 16.0625 and eight.bytes_per_elem(torch.bfloat16) == 10.0625
+    assert eight.bytes_per_elem(torch.float32, impl="torch-fused") == 28  # torch's AdamW, fp32 states
+    assert bench.impls_for(eight) == ("adam-triton", "torch-fused")
 
 
 # -- the tuning cache -----------------------------------------------------------------------------

@@ -16,6 +16,11 @@ ROW = re.compile(
     r"^(?P<case>\S.*?)\s+(?P<dtype>fp32|bf16)\s+(?P<ours_torch>\S+)\s+(?P<ours_ref>\S+)"
     r"\s+(?P<torch_ref>\S+)\s+(?P<bound>\S+)\s+(?P<result>PASS|FAIL.*)$"
 )
+# the 8-bit rows: case, dtype, max|ours-ref|, codes one apart / compared, further apart, absmax rel, bound
+ROW8 = re.compile(
+    r"^(?P<case>\S.*?8bit.*?)\s+(?P<dtype>fp32|bf16)\s+(?P<ours_ref>\S+)\s+(?P<one_apart>\d+)/(?P<codes>\d+)"
+    r"\s+(?P<further>\d+)\s+(?P<absmax>\S+)\s+(?P<bound>\S+)\s+(?P<result>PASS|FAIL.*)$"
+)
 DEMO_ROW = re.compile(r"^\s*(?P<step>\d+)\s+(?P<ours>\d+\.\d+)\s+(?P<torch>\d+\.\d+)\s+(?P<diff>\S+)$")
 FINAL = re.compile(r"^max \|param difference\| after (?P<steps>\d+) steps: (?P<diff>\S+)$", re.M)
 PLAIN = "plain-PyTorch path on CPU (set TRITON_INTERPRET=1 to run the Triton kernels through the interpreter)"
@@ -80,6 +85,15 @@ def test_check_passes_with_small_errors(device):
             # and within 3 bf16 ulps (1/32 near |p| = 4) of the fp64 reference
             assert ours_ref < 0.1, r
         assert ours_ref <= bound * 1.002, r
+    rows8 = [m.groupdict() for m in map(ROW8.match, out.splitlines()) if m]
+    assert {r["case"] for r in rows8} == {name for name, _, _ in cli.check_cases_8bit()}
+    assert len(rows8) == 2 * len(cli.check_cases_8bit())
+    for r in rows8:
+        assert r["result"] == "PASS", r
+        assert int(r["further"]) == 0 and int(r["codes"]) > 10_000, r
+        assert float(r["ours_ref"]) <= float(r["bound"]) * 1.002, r
+        if device.type == "cpu":  # the interpreter computes the reference's fp32 values
+            assert int(r["one_apart"]) == 0 and float(r["absmax"]) == 0.0, r
     assert re.search(r"^PASS: 0 failing case\(s\)", out, re.M)
 
 

@@ -1,0 +1,280 @@
+"""Adam / AdamW / AMSGrad on 8-bit block-wise states: one launch updates every tensor of a
+bucket — dequantize, the fp32 Adam math, each block's new absmax, requantize, in one pass.
+
+Math (adam_triton.reference.adam8bit_step, computed in fp32 with every operation rounded on
+its own: IEEE sqrt and division, no fused multiply-add; step already incremented):
+    m, v, vmax = codes dequantized: map[code] * absmax of the element's block
+    g = -grad if maximize else grad;  g = g / grad_scale (AMP) * clip_coef
+    L2:        g = g + wd * p              decoupled: p = p * (1 - lr * wd)
+    m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g;  vmax = max(vmax, v)
+    p = p - lr / (1 - beta1^t) * (m / (sqrt(v or vmax) / sqrt(1 - beta2^t) + eps))
+    absmax = max |m| (|v|, |vmax|) over each block; codes = nearest map value of state * (1 / absmax)
+exp_avg on the signed dynamic map, exp_avg_sq and max_exp_avg_sq on the unsigned one.
+State slots of the tensor table: STATE0 exp_avg codes (uint8), STATE1 its absmax (fp32, one
+per block), STATE2 / STATE3 exp_avg_sq, STATE4 / STATE5 max_exp_avg_sq (AMSGrad).
+
+A program's chunk is CHUNK elements from a multiple of CHUNK, and CHUNK is a multiple of the
+block size, so a block never straddles programs. The program walks its chunk in tiles of
+BLOCK elements, BLOCK // QBLOCK quantization blocks as the rows of a [ROWS, QBLOCK] tile: a
+block's new absmax is a row maximum, found in registers.
+"""
+
+import triton
+import triton.language as tl
+
+from . import quant8
+from ._common import (
+    STATE0,
+    STATE1,
+    STATE2,
+    STATE3,
+    STATE4,
+    STATE5,
+    bias_correction,
+    chunk_prologue,
+    field_ptr,
+    hyper_f32,
+    hyper_f64,
+    lerp,
+    load_f32,
+    load_param,
+    param_ptrs,
+    store_param,
+    unscale_clip_sign,
+)
+from .adam import H_EPS, H_LOG2_BETA1, H_LOG2_BETA2, H_ONE_MINUS_BETA1, H_ONE_MINUS_BETA2, H_BETA2, \
+    H_WEIGHT_DECAY, N_HYPER  # the same hyperparameter rows as Adam's kernel (one optimizer uses both)
+
+# Elements per thread of a tile: 16, so the uint8 codes move in 128-bit accesses (and the
+# fp32 streams in four). Quantization multiplies by each block's reciprocal absmax (one IEEE
+# division per block, not per element), which keeps 16 elements within the register budget.
+ELEMS_PER_THREAD = 16
+# fp-contraction off: the reference rounds every product and sum on its own, and an FMA in
+# the moments moves m or v by an ulp, which can move a code at a decision point. With it off
+# the compiled kernel computes the reference's fp32 values (and Triton's default, which
+# changes in 3.10, does not matter).
+ENABLE_FP_FUSION = False
+MAX_REGISTERS = 255
+
+
+@triton.jit
+def _load(ptr, offs, mask):
+    """ptr[offs] as stored (masked lanes read 0)."""
+    if mask is None:
+        return tl.load(ptr + offs)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0)
+
+
+@triton.jit
+def _store_quantized(codes_ptr, absmax_ptr, x, offs, blk, mask, bmask, tree, root, N: tl.constexpr):
+    """Requantize fp32 x [ROWS, QBLOCK] with each block's new absmax; store codes and absmax."""
+    absmax = quant8.block_absmax(x, mask)
+    tl.store(codes_ptr + offs, quant8.quantize(x, absmax, tree, root, N), mask=mask)
+    tl.store(absmax_ptr + blk, absmax, mask=bmask)
+
+
+@triton.jit
+def _adam8bit_tiles(
+    param_ptr, master_ptr, grad_ptr,  # typed pointers
+    m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr, x_codes_ptr, x_absmax_ptr,  # uint8 / fp32 pointers
+    signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree, unsigned_root,  # the maps
+    start, numel,  # first element of the chunk (a multiple of CHUNK), elements in the tensor
+    first_tile, end_tile,  # tiles [first_tile, end_tile) of the chunk, BLOCK elements each
+    grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+    SCALED: tl.constexpr, CLIPPED: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
+    MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, seed,
+    MASKED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
+):
+    ROWS: tl.constexpr = BLOCK // QBLOCK
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, QBLOCK)
+    # the chunk's first block: CHUNK is a multiple of BLOCK, so every tile's blocks start at a
+    # multiple of ROWS (what lets the absmax of a tile load as vectors)
+    first_blk = tl.multiple_of(start // QBLOCK, ROWS)
+    b = first_tile
+    while b < end_tile:  # (not range(): Triton 3.6's interpreter needs a constant bound)
+        first = start + b * BLOCK
+        offs = first + rows[:, None] * QBLOCK + cols[None, :]
+        blk = first_blk + b * ROWS + rows  # the tile's blocks
+        if MASKED:  # (compiled Triton cannot return None from a helper, so this stays inline)
+            mask = offs < numel
+            bmask = blk * QBLOCK < numel
+        else:
+            mask = None
+            bmask = None
+        # load every operand before the first store (pointers from a table may alias)
+        m_codes = _load(m_codes_ptr, offs, mask)
+        v_codes = _load(v_codes_ptr, offs, mask)
+        m_absmax = _load(m_absmax_ptr, blk, bmask)
+        v_absmax = _load(v_absmax_ptr, blk, bmask)
+        if AMSGRAD:
+            x_codes = _load(x_codes_ptr, offs, mask)
+            x_absmax = _load(x_absmax_ptr, blk, bmask)
+        g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE)
+        p = load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE, MASTER)
+        # dequantize
+        m = quant8.dequantize(m_codes, m_absmax, signed_values, BLOCK)
+        v = quant8.dequantize(v_codes, v_absmax, unsigned_values, BLOCK)
+        # the gradient, weight decay
+        g = unscale_clip_sign(g, grad_div, clip, SCALED, CLIPPED, MAXIMIZE)
+        if WD_MODE == 1:
+            g = g + weight_decay * p
+        if WD_MODE == 2:
+            p = p * decay
+        # moments and the update
+        m = lerp(m, g, one_minus_beta1)
+        v = beta2 * v + one_minus_beta2 * g * g
+        if AMSGRAD:
+            vmax = quant8.dequantize(x_codes, x_absmax, unsigned_values, BLOCK)
+            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+            denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
+        else:
+            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p - step_size * tl.div_rn(m, denom)
+        # write back: each state requantized with its blocks' new absmax, then the param (as
+        # one row of BLOCK elements: stochastic rounding numbers the elements of a tile so)
+        _store_quantized(m_codes_ptr, m_absmax_ptr, m, offs, blk, mask, bmask, signed_tree, signed_root, BLOCK)
+        _store_quantized(v_codes_ptr, v_absmax_ptr, v, offs, blk, mask, bmask, unsigned_tree, unsigned_root, BLOCK)
+        if AMSGRAD:
+            _store_quantized(x_codes_ptr, x_absmax_ptr, vmax, offs, blk, mask, bmask, unsigned_tree, unsigned_root,
+                             BLOCK)
+        flat_mask = mask
+        if MASKED:
+            flat_mask = tl.reshape(mask, [BLOCK])
+        store_param(param_ptr, master_ptr, tl.reshape(offs, [BLOCK]), tl.reshape(p, [BLOCK]), flat_mask, first,
+                    seed, PARAM_DTYPE, MASTER, STOCHASTIC, BLOCK)
+        b += 1
+
+
+@triton.jit(do_not_specialize=["n_rows", "seed"])
+def _adam8bit_kernel(
+    table_ptr,  # int64 [n_fields, n_rows]: numel, step, group, param, grad, master, then the 8-bit slots (STATE0..5)
+    n_rows,  # tensors in the table
+    chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
+    hyper_ptr,  # int64 [n_groups, N_HYPER]: Adam's rows (kernels/adam.py)
+    maps_ptr,  # fp32 [4, 256]: quant8.map_tables (signed values, tree; unsigned values, tree)
+    grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
+    found_inf_ptr,  # GradScaler's found_inf: non-zero leaves everything untouched; or None
+    clip_coef_ptr,  # fp32 0-d clip coefficient the grads are multiplied by, or None
+    seed,  # int: stochastic-rounding seed (mixed with step and tensor index)
+    PARAM_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr,
+    MASTER: tl.constexpr,  # field MASTER_COPY holds an fp32 master copy of the (bf16/fp16) param
+    STOCHASTIC: tl.constexpr,  # round bf16 param stores stochastically
+    ALIGNED: tl.constexpr,  # every pointer is 16-byte aligned: unmasked full tiles
+    CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
+    BLOCK: tl.constexpr,  # elements per loop iteration (a tile), a multiple of QBLOCK
+    QBLOCK: tl.constexpr,  # quantization block size (elements per absmax)
+):
+    tl.static_assert(CHUNK % BLOCK == 0 and BLOCK % QBLOCK == 0, "a chunk is whole tiles, a tile whole blocks")
+    # which tensor, which part of it, and the shared per-step scalars
+    t, start, numel, step, hyper, lr64, grad_div, clip, run = chunk_prologue(
+        table_ptr, n_rows, chunks_ptr, hyper_ptr, grad_scale_ptr, found_inf_ptr, clip_coef_ptr, N_HYPER, CHUNK
+    )
+    param_ptr, grad_ptr, master_ptr, seed = param_ptrs(
+        table_ptr, n_rows, t, step, seed, PARAM_DTYPE, GRAD_DTYPE, MASTER, ALIGNED
+    )
+    m_codes_ptr = field_ptr(table_ptr, n_rows, t, STATE0, tl.uint8, ALIGNED)
+    m_absmax_ptr = field_ptr(table_ptr, n_rows, t, STATE1, tl.float32, ALIGNED)
+    v_codes_ptr = field_ptr(table_ptr, n_rows, t, STATE2, tl.uint8, ALIGNED)
+    v_absmax_ptr = field_ptr(table_ptr, n_rows, t, STATE3, tl.float32, ALIGNED)
+    x_codes_ptr = v_codes_ptr
+    x_absmax_ptr = v_absmax_ptr
+    if AMSGRAD:
+        x_codes_ptr = field_ptr(table_ptr, n_rows, t, STATE4, tl.uint8, ALIGNED)
+        x_absmax_ptr = field_ptr(table_ptr, n_rows, t, STATE5, tl.float32, ALIGNED)
+
+    # the group's hyperparameters, rounded to fp32 where the reference uses fp32 scalars
+    one_minus_beta1 = hyper_f32(hyper, H_ONE_MINUS_BETA1)
+    beta2 = hyper_f32(hyper, H_BETA2)
+    one_minus_beta2 = hyper_f32(hyper, H_ONE_MINUS_BETA2)
+    eps = hyper_f32(hyper, H_EPS)
+    weight_decay64 = hyper_f64(hyper, H_WEIGHT_DECAY)
+    weight_decay = weight_decay64.to(tl.float32)
+    # bias corrections in fp64 from the (already incremented) step
+    bc1 = bias_correction(step, hyper_f64(hyper, H_LOG2_BETA1))
+    bc2 = bias_correction(step, hyper_f64(hyper, H_LOG2_BETA2))
+    step_size = (lr64 / bc1).to(tl.float32)
+    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # (fp64: sqrt.rn.f64, correctly rounded)
+    decay = (1.0 - lr64 * weight_decay64).to(tl.float32)
+
+    if run:
+        # the two maps, once per program (values for dequantize, Eytzinger trees for quantize)
+        signed_values = quant8.load_map(maps_ptr, quant8.SIGNED_VALUES)
+        signed_tree = quant8.load_map(maps_ptr, quant8.SIGNED_TREE)
+        unsigned_values = quant8.load_map(maps_ptr, quant8.UNSIGNED_VALUES)
+        unsigned_tree = quant8.load_map(maps_ptr, quant8.UNSIGNED_TREE)
+        signed_root = tl.load(maps_ptr + quant8.SIGNED_TREE * 256)
+        unsigned_root = tl.load(maps_ptr + quant8.UNSIGNED_TREE * 256)
+        # the chunk's full tiles take the unmasked (128-bit) path when every pointer is
+        # aligned; the last partial tile of a tensor, or every tile of an unaligned one, the
+        # masked path
+        size = tl.minimum(numel - start, CHUNK).to(tl.int32)
+        n_full = 0
+        if ALIGNED:
+            n_full = size // BLOCK
+            _adam8bit_tiles(
+                param_ptr, master_ptr, grad_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
+                x_codes_ptr, x_absmax_ptr, signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree,
+                unsigned_root, start, numel, 0, n_full, grad_div, clip, step_size, bc2_sqrt, decay,
+                one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+                grad_scale_ptr is not None, clip_coef_ptr is not None,
+                PARAM_DTYPE, GRAD_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE, MASTER, STOCHASTIC, seed,
+                False, BLOCK, QBLOCK,
+            )
+        _adam8bit_tiles(
+            param_ptr, master_ptr, grad_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
+            x_codes_ptr, x_absmax_ptr, signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree,
+            unsigned_root, start, numel, n_full, tl.cdiv(size, BLOCK), grad_div, clip, step_size, bc2_sqrt, decay,
+            one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
+            grad_scale_ptr is not None, clip_coef_ptr is not None,
+            PARAM_DTYPE, GRAD_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE, MASTER, STOCHASTIC, seed,
+            True, BLOCK, QBLOCK,
+        )
+
+
+def launch_shape(block_size, config, whole_chunk=False):
+    """(CHUNK, BLOCK, num_warps) of an 8-bit launch with the (Adam-style) config: a tile of
+    ELEMS_PER_THREAD elements per thread (at least one quantization block: more warps for a
+    block larger than that), and a chunk of as many tiles as Adam's fp32 kernel takes
+    iterations (config CHUNK / BLOCK), so the programs keep as many loads in flight per
+    dependent prologue. With whole_chunk (the interpreter's choice: there every operation
+    costs the same whatever its size) one tile is the whole config chunk. The host builds its chunk table with the
+    same CHUNK (Adam8bit._chunk_elements). Raises ValueError unless the chunk is a multiple
+    of block_size (both are powers of two)."""
+    chunk, warps = config["CHUNK"], config["num_warps"]
+    if whole_chunk:
+        tile = chunk
+    else:
+        warps = max(warps, block_size // (ELEMS_PER_THREAD * 32))
+        tile = ELEMS_PER_THREAD * 32 * warps
+        chunk = max(chunk // config["BLOCK"], 1) * tile
+    if chunk % block_size:
+        raise ValueError(f"chunk {chunk} is not a multiple of the 8-bit block size {block_size}")
+    return chunk, tile, warps
+
+
+def adam8bit_update(
+    table, n_rows, chunks, n_chunks, hyper, maps, *, block_size, amsgrad, maximize, wd_mode, param_dtype,
+    grad_dtype, aligned, config, grad_scale=None, found_inf=None, clip_coef=None, master=False,
+    stochastic=False, seed=0, whole_chunk=False,
+):
+    """Launch the 8-bit Adam update over every chunk of a bucket (one launch, any number of
+    param groups; each tensor's row of `hyper` is Adam's). maps: quant8.map_tables on the
+    device. dtypes are triton dtypes; config is a tuning config (CHUNK, BLOCK, num_warps),
+    turned into this kernel's chunk, tile and warps by launch_shape; the chunk table must be
+    built with that chunk."""
+    chunk, tile, warps = launch_shape(block_size, config, whole_chunk)
+    _adam8bit_kernel[(n_chunks,)](
+        table, n_rows, chunks, hyper, maps, grad_scale, found_inf, clip_coef, int(seed),
+        PARAM_DTYPE=param_dtype, GRAD_DTYPE=grad_dtype,
+        AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), WD_MODE=wd_mode,
+        MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned),
+        CHUNK=chunk, BLOCK=tile, QBLOCK=block_size, num_warps=warps, enable_fp_fusion=ENABLE_FP_FUSION,
+        # every register a thread may have: left to itself, ptxas gives the bf16 stochastic-
+        # rounding variant 168 and spills 4 words across the loop
+        maxnreg=MAX_REGISTERS,
+    )
