@@ -253,11 +253,15 @@ def store_param(param_ptr, master_ptr, offs, p, mask, first, seed, PARAM_DTYPE: 
                 MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
     """Write the updated fp32 value: into the master (fp32) and the param (nearest even)
     when MASTER; else into the param, stochastically rounded when STOCHASTIC (bf16 only;
-    `first` is the element offs starts at, `seed` the rounding_seed)."""
+    `first` is the element offs starts at, `seed` the rounding_seed; offs holds BLOCK
+    consecutive elements, as a row or as a row-major 2-D tile)."""
     if MASTER:
         store_f32(master_ptr, offs, p, mask, tl.float32)
     if STOCHASTIC:
-        tl.store(param_ptr + offs, bf16_bits_stochastic(p, random16(seed, first, BLOCK)), mask=mask)
+        random = random16(seed, first, BLOCK)
+        if len(p.shape) > 1:  # a 2-D tile [rows, cols] of the BLOCK elements from first, row-major
+            random = tl.reshape(random, p.shape)
+        tl.store(param_ptr + offs, bf16_bits_stochastic(p, random), mask=mask)
     else:
         store_f32(param_ptr, offs, p, mask, PARAM_DTYPE)
 

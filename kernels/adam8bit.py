@@ -134,18 +134,13 @@ def _adam8bit_tiles(
         else:
             denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p - step_size * tl.div_rn(m, denom)
-        # write back: each state requantized with its blocks' new absmax, then the param (as
-        # one row of BLOCK elements: stochastic rounding numbers the elements of a tile so)
+        # write back: each state requantized with its blocks' new absmax, then the param
         _store_quantized(m_codes_ptr, m_absmax_ptr, m, offs, blk, mask, bmask, signed_tree, signed_root, BLOCK)
         _store_quantized(v_codes_ptr, v_absmax_ptr, v, offs, blk, mask, bmask, unsigned_tree, unsigned_root, BLOCK)
         if AMSGRAD:
             _store_quantized(x_codes_ptr, x_absmax_ptr, vmax, offs, blk, mask, bmask, unsigned_tree, unsigned_root,
                              BLOCK)
-        flat_mask = mask
-        if MASKED:
-            flat_mask = tl.reshape(mask, [BLOCK])
-        store_param(param_ptr, master_ptr, tl.reshape(offs, [BLOCK]), tl.reshape(p, [BLOCK]), flat_mask, first,
-                    seed, PARAM_DTYPE, MASTER, STOCHASTIC, BLOCK)
+        store_param(param_ptr, master_ptr, offs, p, mask, first, seed, PARAM_DTYPE, MASTER, STOCHASTIC, BLOCK)
         b += 1
 
 

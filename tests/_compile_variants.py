@@ -180,7 +180,8 @@ def compile_one(job):
                 signature[arg] = "fp32"
             else:
                 signature[arg] = "i32"
-        rec.update(options=options, block=constexprs.get("BLOCK"), chunk=constexprs.get("CHUNK"))
+        rec.update(options=options, block=constexprs.get("BLOCK"), chunk=constexprs.get("CHUNK"),
+                   triton=triton.__version__)
         if name == "adam8bit":  # a thread's elements lie in one block: one fp32 absmax load per moment
             rec["absmax_ld_bytes"] = 4 * (3 if flags["amsgrad"] else 2)
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

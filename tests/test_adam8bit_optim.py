@@ -270,6 +270,29 @@ def test_bf16_params_master_weights_and_stochastic_rounding(device):
                 assert torch.equal(ok.state[a][key], orf.state[b][key]), key
 
 
+def test_stochastic_rounding_draws_the_bits_of_adams_kernel(device):
+    """With zero grads the update is the decoupled decay alone, p * (1 - lr * wd), one fp32
+    product in both kernels; stochastic rounding of it with the same seed, step and tensor
+    then gives the same bf16 bits from the 8-bit kernel (2-D tiles) as from Adam's (rows),
+    element for element: each element draws its own random bits."""
+    gen = torch.Generator().manual_seed(11)
+    start = (torch.randn(5000, generator=gen) * 3).to(torch.bfloat16)  # 8-bit states; a masked tail
+    results = []
+    for cls, extra in ((adam_triton.AdamW, {}), (adam_triton.AdamW8bit, dict(min_8bit_size=1000))):
+        p = torch.nn.Parameter(start.clone().to(device))
+        opt = cls([p], lr=0.1, weight_decay=0.1, stochastic_rounding=True, seed=5, **extra)
+        for _ in range(2):
+            p.grad = torch.zeros_like(p)
+            opt.step()
+        results.append(p.detach().cpu())
+    assert "exp_avg_codes" in opt.state[p]
+    assert torch.equal(results[0].view(torch.int16), results[1].view(torch.int16))
+    nearest = start.float()
+    for _ in range(2):
+        nearest = (nearest * (1 - 0.1 * 0.1)).to(torch.bfloat16).float()
+    assert (results[1].float() != nearest).sum() > 100  # rounded stochastically, not to nearest
+
+
 def test_grad_scale_divides_and_found_inf_skips(device):
     """GradScaler's protocol (grad_scale / found_inf set on the optimizer): scaled grads give
     the reference's step on the unscaled ones; found_inf leaves params, states and steps."""
