@@ -91,8 +91,9 @@ def _adam8bit_tiles(
     ROWS: tl.constexpr = BLOCK // QBLOCK
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, QBLOCK)
-    # the chunk's first block: CHUNK is a multiple of BLOCK, so every tile's blocks start at a
-    # multiple of ROWS (what lets the absmax of a tile load as vectors)
+    # the chunk's first block (CHUNK is a multiple of BLOCK, so every tile's blocks start at a
+    # multiple of ROWS). A thread's 16 elements lie in one block: its absmax is one 32-bit
+    # load per moment, the same address for the threads of a block (one transaction)
     first_blk = tl.multiple_of(start // QBLOCK, ROWS)
     b = first_tile
     while b < end_tile:  # (not range(): Triton 3.6's interpreter needs a constant bound)
