@@ -183,7 +183,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _bench_scratch(self, bucket, hyper, config):
         """Milliseconds of one launch with config on random scratch tensors shaped like the
         bucket (never the user's tensors: tuning cannot apply an update twice)."""
-        device, (p_dtype, g_dtype, s_dtype) = bucket.device, bucket.dtypes
+        device, (p_dtype, g_dtype, _) = bucket.device, bucket.dtypes
         keep = []
 
         def rand(n, dtype):

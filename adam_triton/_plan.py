@@ -22,7 +22,7 @@ import torch
 from . import tuning
 from ._state import MASTER_KEY, init_state, master_slot, wants_master
 from ._tables import GRAD, HyperTable, TensorTable, chunk_table
-from ._tensors import KERNEL_DTYPES, is_dtensor, local, real, sharding, tl_dtype
+from ._tensors import is_dtensor, local, real, sharding, tl_dtype
 from ._validate import check_flags, check_param, check_state
 
 _is = operator.is_

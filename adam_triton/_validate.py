@@ -5,7 +5,7 @@ through a pointer whose tensor is not what it assumes."""
 
 import torch
 
-from ._tensors import KERNEL_DTYPES, SUPPORTED_DEVICES, is_dtensor, local
+from ._tensors import SUPPORTED_DEVICES, is_dtensor, local
 
 
 def check_hyper(name, value, message=None, upper=None):

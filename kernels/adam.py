@@ -49,6 +49,51 @@ N_HYPER = tl.constexpr(N_LR + 8)
 
 
 @triton.jit
+def adam_scalars(hyper, step, lr64):
+    """The fp32 scalars of a group's update this step, from its hyperparameter row, the
+    (already incremented) step and lr in fp64: 1 - beta1, beta2, 1 - beta2, eps and the
+    weight decay rounded to fp32 (as torch rounds Python floats for fp32 tensor ops), the step
+    size lr / (1 - beta1^t) and sqrt(1 - beta2^t) from fp64 bias corrections, and the
+    decoupled decay factor 1 - lr * wd."""
+    one_minus_beta1 = hyper_f32(hyper, H_ONE_MINUS_BETA1)
+    beta2 = hyper_f32(hyper, H_BETA2)
+    one_minus_beta2 = hyper_f32(hyper, H_ONE_MINUS_BETA2)
+    eps = hyper_f32(hyper, H_EPS)
+    weight_decay64 = hyper_f64(hyper, H_WEIGHT_DECAY)
+    weight_decay = weight_decay64.to(tl.float32)
+    bc1 = bias_correction(step, hyper_f64(hyper, H_LOG2_BETA1))
+    bc2 = bias_correction(step, hyper_f64(hyper, H_LOG2_BETA2))
+    step_size = (lr64 / bc1).to(tl.float32)
+    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # (fp64: sqrt.rn.f64, correctly rounded)
+    decay = (1.0 - lr64 * weight_decay64).to(tl.float32)
+    return one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt, decay
+
+
+@triton.jit
+def adam_math(g, p, m, v, vmax, grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2,
+              eps, weight_decay, SCALED: tl.constexpr, CLIPPED: tl.constexpr, AMSGRAD: tl.constexpr,
+              MAXIMIZE: tl.constexpr, WD_MODE: tl.constexpr):
+    """One Adam update of fp32 values (any shape): the grad as loaded, the param, the
+    moments (vmax is ignored without AMSGRAD); returns the new (p, m, v, vmax). Sqrt and
+    division IEEE-rounded, as in torch's kernels; weight decay by WD_MODE (1: L2, 2:
+    decoupled)."""
+    g = unscale_clip_sign(g, grad_div, clip, SCALED, CLIPPED, MAXIMIZE)
+    if WD_MODE == 1:
+        g = g + weight_decay * p
+    if WD_MODE == 2:
+        p = p * decay
+    m = lerp(m, g, one_minus_beta1)
+    v = beta2 * v + one_minus_beta2 * g * g
+    if AMSGRAD:
+        vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
+        denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
+    else:
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+    return p, m, v, vmax
+
+
+@triton.jit
 def _adam_blocks(
     param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,  # typed pointers
     start, numel,  # first element of the chunk, elements in the tensor
@@ -76,22 +121,13 @@ def _adam_blocks(
         v = load_f32(exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
         if AMSGRAD:
             vmax = load_f32(max_exp_avg_sq_ptr, offs, mask, STATE_DTYPE)
-        g = unscale_clip_sign(g, grad_div, clip, SCALED, CLIPPED, MAXIMIZE)
-        # weight decay
-        if WD_MODE == 1:
-            g = g + weight_decay * p
-        if WD_MODE == 2:
-            p = p * decay
-        # moments; sqrt and division IEEE-rounded, as in torch's kernels
-        m = lerp(m, g, one_minus_beta1)
-        v = beta2 * v + one_minus_beta2 * g * g
-        if AMSGRAD:
-            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-            denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
         else:
-            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        # update and write back
-        p = p - step_size * tl.div_rn(m, denom)
+            vmax = v  # (unused)
+        p, m, v, vmax = adam_math(
+            g, p, m, v, vmax, grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2,
+            eps, weight_decay, SCALED, CLIPPED, AMSGRAD, MAXIMIZE, WD_MODE,
+        )
+        # write back
         store_f32(exp_avg_ptr, offs, m, mask, STATE_DTYPE)
         store_f32(exp_avg_sq_ptr, offs, v, mask, STATE_DTYPE)
         if AMSGRAD:
@@ -130,19 +166,9 @@ def _adam_kernel(
     if AMSGRAD:
         max_exp_avg_sq_ptr = field_ptr(table_ptr, n_rows, t, STATE2, STATE_DTYPE, ALIGNED)
 
-    # the group's hyperparameters, rounded to fp32 where torch uses them as fp32 scalars
-    one_minus_beta1 = hyper_f32(hyper, H_ONE_MINUS_BETA1)
-    beta2 = hyper_f32(hyper, H_BETA2)
-    one_minus_beta2 = hyper_f32(hyper, H_ONE_MINUS_BETA2)
-    eps = hyper_f32(hyper, H_EPS)
-    weight_decay64 = hyper_f64(hyper, H_WEIGHT_DECAY)
-    weight_decay = weight_decay64.to(tl.float32)
-    # bias corrections in fp64 from the (already incremented) step
-    bc1 = bias_correction(step, hyper_f64(hyper, H_LOG2_BETA1))
-    bc2 = bias_correction(step, hyper_f64(hyper, H_LOG2_BETA2))
-    step_size = (lr64 / bc1).to(tl.float32)
-    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)
-    decay = (1.0 - lr64 * weight_decay64).to(tl.float32)
+    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt, decay = adam_scalars(
+        hyper, step, lr64
+    )
 
     if run:
         # the chunk's full blocks take the unmasked (128-bit) path when every pointer is

@@ -30,20 +30,18 @@ from ._common import (
     STATE3,
     STATE4,
     STATE5,
-    bias_correction,
     chunk_prologue,
     field_ptr,
-    hyper_f32,
-    hyper_f64,
-    lerp,
     load_f32,
     load_param,
     param_ptrs,
     store_param,
-    unscale_clip_sign,
 )
-from .adam import H_EPS, H_LOG2_BETA1, H_LOG2_BETA2, H_ONE_MINUS_BETA1, H_ONE_MINUS_BETA2, H_BETA2, \
-    H_WEIGHT_DECAY, N_HYPER  # the same hyperparameter rows as Adam's kernel (one optimizer uses both)
+from .adam import (  # Adam's hyperparameter rows and math (one optimizer uses both)
+    N_HYPER,
+    adam_math,
+    adam_scalars,
+)
 
 # Elements per thread of a tile: 16, so the uint8 codes move in 128-bit accesses (and the
 # fp32 streams in four). Quantization multiplies by each block's reciprocal absmax (one IEEE
@@ -116,25 +114,17 @@ def _adam8bit_tiles(
             x_absmax = _load(x_absmax_ptr, blk, bmask)
         g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE)
         p = load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE, MASTER)
-        # dequantize
+        # dequantize, then Adam's update in fp32
         m = quant8.dequantize(m_codes, m_absmax, signed_values, BLOCK)
         v = quant8.dequantize(v_codes, v_absmax, unsigned_values, BLOCK)
-        # the gradient, weight decay
-        g = unscale_clip_sign(g, grad_div, clip, SCALED, CLIPPED, MAXIMIZE)
-        if WD_MODE == 1:
-            g = g + weight_decay * p
-        if WD_MODE == 2:
-            p = p * decay
-        # moments and the update
-        m = lerp(m, g, one_minus_beta1)
-        v = beta2 * v + one_minus_beta2 * g * g
         if AMSGRAD:
             vmax = quant8.dequantize(x_codes, x_absmax, unsigned_values, BLOCK)
-            vmax = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
-            denom = tl.div_rn(tl.sqrt_rn(vmax), bc2_sqrt) + eps
         else:
-            denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        p = p - step_size * tl.div_rn(m, denom)
+            vmax = v  # (unused)
+        p, m, v, vmax = adam_math(
+            g, p, m, v, vmax, grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2,
+            eps, weight_decay, SCALED, CLIPPED, AMSGRAD, MAXIMIZE, WD_MODE,
+        )
         # write back: each state requantized with its blocks' new absmax, then the param
         _store_quantized(m_codes_ptr, m_absmax_ptr, m, offs, blk, mask, bmask, signed_tree, signed_root, BLOCK)
         _store_quantized(v_codes_ptr, v_absmax_ptr, v, offs, blk, mask, bmask, unsigned_tree, unsigned_root, BLOCK)
@@ -183,19 +173,10 @@ def _adam8bit_kernel(
         x_codes_ptr = field_ptr(table_ptr, n_rows, t, STATE4, tl.uint8, ALIGNED)
         x_absmax_ptr = field_ptr(table_ptr, n_rows, t, STATE5, tl.float32, ALIGNED)
 
-    # the group's hyperparameters, rounded to fp32 where the reference uses fp32 scalars
-    one_minus_beta1 = hyper_f32(hyper, H_ONE_MINUS_BETA1)
-    beta2 = hyper_f32(hyper, H_BETA2)
-    one_minus_beta2 = hyper_f32(hyper, H_ONE_MINUS_BETA2)
-    eps = hyper_f32(hyper, H_EPS)
-    weight_decay64 = hyper_f64(hyper, H_WEIGHT_DECAY)
-    weight_decay = weight_decay64.to(tl.float32)
-    # bias corrections in fp64 from the (already incremented) step
-    bc1 = bias_correction(step, hyper_f64(hyper, H_LOG2_BETA1))
-    bc2 = bias_correction(step, hyper_f64(hyper, H_LOG2_BETA2))
-    step_size = (lr64 / bc1).to(tl.float32)
-    bc2_sqrt = tl.sqrt(bc2).to(tl.float32)  # (fp64: sqrt.rn.f64, correctly rounded)
-    decay = (1.0 - lr64 * weight_decay64).to(tl.float32)
+    # the group's scalars this step: Adam's (one optimizer launches both kernels)
+    one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, step_size, bc2_sqrt, decay = adam_scalars(
+        hyper, step, lr64
+    )
 
     if run:
         # the two maps, once per program (values for dequantize, Eytzinger trees for quantize)

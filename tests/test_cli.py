@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import adam_triton
-from adam_triton import cli
+from adam_triton import check, cli
 
 ROW = re.compile(
     r"^(?P<case>\S.*?)\s+(?P<dtype>fp32|bf16)\s+(?P<ours_torch>\S+)\s+(?P<ours_ref>\S+)"
@@ -86,8 +86,8 @@ def test_check_passes_with_small_errors(device):
             assert ours_ref < 0.1, r
         assert ours_ref <= bound * 1.002, r
     rows8 = [m.groupdict() for m in map(ROW8.match, out.splitlines()) if m]
-    assert {r["case"] for r in rows8} == {name for name, _, _ in cli.check_cases_8bit()}
-    assert len(rows8) == 2 * len(cli.check_cases_8bit())
+    assert {r["case"] for r in rows8} == {name for name, _, _ in check.check_cases_8bit()}
+    assert len(rows8) == 2 * len(check.check_cases_8bit())
     for r in rows8:
         assert r["result"] == "PASS", r
         assert int(r["further"]) == 0 and int(r["codes"]) > 10_000, r
