@@ -176,7 +176,8 @@ def test_a_nonfinite_value_poisons_exactly_its_block(bad):
 
 
 def test_tiny_and_huge_blocks():
-    # subnormal and near-FLT_MAX absmax: y = x / absmax is an IEEE division, no overflow to inf
+    # subnormal and near-FLT_MAX absmax: the reciprocal is taken of absmax scaled by a power of
+    # two where it would overflow or be subnormal, so the codes are those of a normal absmax
     unit = torch.linspace(-1, 1, 256)
     unit_codes, _ = ref.quantize_blockwise(unit, SIGNED)
     for scale in (1e-40, 1e-30, 3e38):

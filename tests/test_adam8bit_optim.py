@@ -270,6 +270,26 @@ def test_bf16_params_master_weights_and_stochastic_rounding(device):
                 assert torch.equal(ok.state[a][key], orf.state[b][key]), key
 
 
+@pytest.mark.parametrize("scale", [1e-21, 1e15])
+def test_tiny_and_huge_states_quantize_as_the_reference(device, scale):
+    """Grads of 1e-21 give exp_avg_sq blocks with a subnormal absmax, whose reciprocal would
+    overflow: the kernel scales x and absmax by 2^64 as the reference does, code for code
+    (without it this case fails). Grads of 1e15 take the other branch (absmax above 2^64,
+    scaled by 2^-64; exact unless the reciprocal would be subnormal, above 2^126)."""
+    def grads(params, step):
+        return [g * scale for g in spread_grads(params, step)]
+
+    ok, n_codes, one_apart = run_against_reference(
+        device, adam_triton.AdamW8bit, dict(lr=1e-2, min_8bit_size=MIN_8BIT), sizes=SIZES[:2], steps=2, grads=grads
+    )
+    absmax = ok.state[ok.param_groups[0]["params"][0]]["exp_avg_sq_absmax"]
+    if scale < 1:
+        assert bool((absmax < 2.0**-126).any()) and bool((absmax > 0).all())
+    else:
+        assert bool((absmax > 2.0**64).all()) and bool(absmax.isfinite().all())
+    assert_ties(device, n_codes, one_apart, f"states at scale {scale:g}")
+
+
 def test_stochastic_rounding_draws_the_bits_of_adams_kernel(device):
     """With zero grads the update is the decoupled decay alone, p * (1 - lr * wd), one fp32
     product in both kernels; stochastic rounding of it with the same seed, step and tensor
