@@ -8,7 +8,8 @@ message naming the param and the state key, before anything changes (params and 
 as they were). Where torch steps, ours either steps with torch's numbers or raises such a
 clear error. Never a crash, never a silent write.
 
-Every case runs in a child process: a segfault or abort fails that case only."""
+The cases run in a child process, all in one; if that child dies (a segfault or abort),
+each case runs in a child of its own, so a crash fails that case only."""
 
 import copy
 
@@ -264,13 +265,50 @@ CASES = [
 ]
 
 
+NAMES = [c.__name__ for c in CASES]
+OUTCOME = "case outcome: "
+
+
 def run_case(name):
-    """Entry point in the child process."""
+    """Entry point in the child process: one case."""
     from conftest import DEVICE
 
     {c.__name__: c for c in CASES}[name](torch.device(DEVICE))
 
 
-@pytest.mark.parametrize("name", [c.__name__ for c in CASES])
-def test_memory_safety(name):
-    run_in_child("test_memory_safety", "run_case", name)
+def run_cases(*names):
+    """Entry point in the child process: the cases in turn, each one's outcome printed as a
+    line (its traceback, or null when it passed)."""
+    import json
+    import traceback
+
+    for name in names:
+        try:
+            run_case(name)
+            error = None
+        except Exception:  # noqa: BLE001 - a failing case is reported, the others still run
+            error = traceback.format_exc()
+        print(OUTCOME + json.dumps([name, error]), flush=True)
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    """{case: traceback or None} from one child process that runs every case (one start-up
+    instead of one per case); None when that child dies (a crash): then each case runs in a
+    child of its own, so a segfault or abort fails only its own case."""
+    import json
+
+    try:
+        out = run_in_child("test_memory_safety", "run_cases", *NAMES)
+    except AssertionError:
+        return None
+    found = dict(json.loads(line[len(OUTCOME):]) for line in out.splitlines() if line.startswith(OUTCOME))
+    return found if set(found) == set(NAMES) else None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_memory_safety(name, outcomes):
+    if outcomes is None:
+        run_in_child("test_memory_safety", "run_case", name)
+    else:
+        assert outcomes[name] is None, outcomes[name]
