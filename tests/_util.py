@@ -207,3 +207,13 @@ def run_spawned(worker, kind, tmp_path, world, deadline_s):
             if p.is_alive():
                 p.kill()
     return [json.load(open(tmp_path / f"{kind}-{rank}.json")) for rank in range(world)]
+
+
+def first_error(*actions):
+    """Run actions in order; the first exception raised (None if none)."""
+    for action in actions:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - any exception is the result under test
+            return exc
+    return None

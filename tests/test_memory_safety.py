@@ -16,7 +16,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from _util import FP32_TOL, random_grads, run_in_child, set_grads
+from _util import FP32_TOL, first_error, random_grads, run_in_child, set_grads
 
 import adam_triton
 
@@ -47,16 +47,6 @@ def _twins(device, name, shapes=SHAPES, **kw):
         set_grads(ps, random_grads(ps, 0))
         o.step()
     return (pa, oa), (pb, ob), keys
-
-
-def _attempt(*actions):
-    """Run actions in order; the first exception raised (None if none)."""
-    for action in actions:
-        try:
-            action()
-        except Exception as exc:  # noqa: BLE001 - any exception is the result under test
-            return exc
-    return None
 
 
 def _snapshot(opt, params):
@@ -96,8 +86,8 @@ def _step_like_torch(ours, theirs, keys, mutate):
     set_grads(pa, grads)
     set_grads(pb, grads)
     before = _snapshot(oa, pa)
-    torch_exc = _attempt(ob.step)
-    exc = _attempt(oa.step)
+    torch_exc = first_error(ob.step)
+    exc = first_error(oa.step)
     if torch_exc is not None:
         assert exc is not None, f"torch raises {type(torch_exc).__name__}: {torch_exc}; ours stepped"
         _assert_clear(exc, keys, torch_exc)
@@ -164,10 +154,10 @@ def _checkpoint_case(device, name, edit, load_shapes, **kw):
     grads = random_grads(qb, 1)
     set_grads(qa, grads)
     set_grads(qb, grads)
-    torch_exc = _attempt(lambda: nb.load_state_dict(copy.deepcopy(sd)), nb.step)
+    torch_exc = first_error(lambda: nb.load_state_dict(copy.deepcopy(sd)), nb.step)
     assert torch_exc is not None, "premise: torch refuses this checkpoint"
     before = [p.detach().clone() for p in qa]
-    exc = _attempt(lambda: na.load_state_dict(copy.deepcopy(sd)), na.step)
+    exc = first_error(lambda: na.load_state_dict(copy.deepcopy(sd)), na.step)
     assert exc is not None, f"torch raises {type(torch_exc).__name__}: {torch_exc}; ours stepped"
     _assert_clear(exc, keys, torch_exc)
     for i, (p, p0) in enumerate(zip(qa, before)):
@@ -240,7 +230,7 @@ def master_replaced_by_smaller(device):
     opt.state[ps[0]]["master_param"] = torch.zeros(3, device=device)
     set_grads(ps, random_grads(ps, 1))
     before = _snapshot(opt, ps)
-    exc = _attempt(opt.step)
+    exc = first_error(opt.step)
     _assert_clear(exc, ("master_param",))
     _assert_unchanged(opt, ps, before)
 

@@ -19,6 +19,7 @@ from _util import (
     Lockstep,
     assert_state_matches,
     clone_params,
+    first_error,
     make_model,
     random_grads,
     run_in_child,
@@ -175,15 +176,6 @@ INT_CASES = {
 }
 
 
-def _first_error(*actions):
-    for action in actions:
-        try:
-            action()
-        except Exception as exc:  # noqa: BLE001 - the exception is the result under test
-            return exc
-    return None
-
-
 def _int_setup(device, dtype):
     """A float param in a first group, an int param (with an int grad) in a second."""
     f = nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(1)).to(device))
@@ -202,7 +194,7 @@ def test_integer_params_refused_like_torch(device, name, dtype):
     param, the float param of the other group, no state created."""
     ours_cls, torch_cls, kw = INT_CASES[name]
     tf, ti = _int_setup(device, dtype)
-    texc = _first_error(lambda: torch_cls([{"params": [tf]}, {"params": [ti]}], foreach=False, **kw).step())
+    texc = first_error(lambda: torch_cls([{"params": [tf]}, {"params": [ti]}], foreach=False, **kw).step())
     assert texc is not None, "premise: torch refuses integer params"
     f, i = _int_setup(device, dtype)
     f0, i0 = f.detach().clone(), i.clone()
@@ -212,7 +204,7 @@ def test_integer_params_refused_like_torch(device, name, dtype):
         nonlocal opt
         opt = ours_cls([{"params": [f]}, {"params": [i]}], **kw)
 
-    exc = _first_error(make, lambda: opt.step())
+    exc = first_error(make, lambda: opt.step())
     assert exc is not None, f"torch raises {type(texc).__name__}: {texc}; ours updated the int param to {i.tolist()}"
     assert type(exc) is type(texc) and str(exc) == str(texc), (repr(exc), repr(texc))
     assert torch.equal(i, i0) and torch.equal(f.detach(), f0)
@@ -225,7 +217,7 @@ def test_integer_params_with_fused_true_get_torchs_fused_error(device, name):
     ours_cls, torch_cls, _ = INT_CASES[name]
     ti = torch.arange(6, device=device)
     ti.grad = torch.ones_like(ti)
-    texc = _first_error(lambda: torch_cls([ti], fused=True).step())
+    texc = first_error(lambda: torch_cls([ti], fused=True).step())
     assert isinstance(texc, RuntimeError) and str(texc).startswith(FUSED_PREFIX)
     i = torch.arange(6, device=device)
     i.grad = torch.ones_like(i)
@@ -235,7 +227,7 @@ def test_integer_params_with_fused_true_get_torchs_fused_error(device, name):
         nonlocal opt
         opt = ours_cls([i], fused=True)
 
-    exc = _first_error(make, lambda: opt.step())
+    exc = first_error(make, lambda: opt.step())
     assert isinstance(exc, RuntimeError), repr(exc)
     assert str(exc).startswith(FUSED_PREFIX) and str(exc).endswith(f"but torch.int64 and {device.type}"), str(exc)
     assert torch.equal(i, torch.arange(6, device=device))
@@ -258,13 +250,13 @@ def test_meta_params_with_fused_true_refused_before_any_state(name):
     theirs = _meta_model()
     for p in theirs.parameters():
         p.grad = torch.zeros_like(p)
-    texc = _first_error(torch_cls(theirs.parameters(), fused=True).step)
+    texc = first_error(torch_cls(theirs.parameters(), fused=True).step)
     assert isinstance(texc, RuntimeError) and str(texc).startswith(FUSED_PREFIX)
     model = _meta_model()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt = ours_cls(model.parameters(), fused=True)
-    exc = _first_error(opt.step)
+    exc = first_error(opt.step)
     assert isinstance(exc, RuntimeError), repr(exc)
     assert str(exc).startswith(FUSED_PREFIX) and str(exc).endswith("but torch.float32 and meta"), str(exc)
     assert all(len(opt.state.get(p, {})) == 0 for p in model.parameters())
@@ -285,7 +277,7 @@ def materialised_meta_model_trains(name, step_on_meta):
     if step_on_meta == "True":
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
-        assert _first_error(opt.step) is not None
+        assert first_error(opt.step) is not None
         model.zero_grad(set_to_none=True)
     swap = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
