@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from _util import FP32_TOL, clone_params, random_grads, set_grads
+from _util import FP32_TOL, clone_params, random_grads, set_grads, step_both
 from test_launches import launches  # noqa: F401  (the fixture)
 
 import adam_triton
@@ -104,10 +104,7 @@ def run_against_reference(device, cls, kwargs, sizes=SIZES, steps=6, dtype=torch
     n_codes = one_apart = 0
     for s in range(steps):
         g = grads(pk, s)
-        set_grads(pk, g)
-        set_grads(pr, g)
-        ok.step()
-        orf.step()
+        step_both(ok, orf, pk, pr, g)
         n, one = compare_to_reference(ok, orf, pk, pr, device, exact)
         n_codes += n
         one_apart += one
@@ -167,10 +164,7 @@ def test_groups_of_both_layouts_and_options_share_launches(device):
     orf = adam_triton.AdamW8bit(groups(pr), lr=1e-2, fused=False)
     for s in range(3):
         g = spread_grads(pk, s)
-        set_grads(pk, g)
-        set_grads(pr, g)
-        ok.step()
-        orf.step()
+        step_both(ok, orf, pk, pr, g)
         n, one = compare_to_reference(ok, orf, pk, pr, device)
         assert_ties(device, n, one, "two groups")
     assert ["exp_avg_codes" in ok.state[p] for p in pk] == [True, False, True, True]
@@ -258,10 +252,7 @@ def test_bf16_params_master_weights_and_stochastic_rounding(device):
     ok = adam_triton.AdamW8bit(pk, lr=1e-2, stochastic_rounding=True, seed=5)
     orf = adam_triton.AdamW8bit(pr, lr=1e-2, stochastic_rounding=True, seed=5, fused=False)
     g = spread_grads(pk, 0)
-    set_grads(pk, g)
-    set_grads(pr, g)
-    ok.step()
-    orf.step()
+    step_both(ok, orf, pk, pr, g)
     for a, b in zip(pk, pr):
         ulp = torch.finfo(torch.bfloat16).eps * b.detach().float().abs().clamp_min(1e-30)
         assert bool(((a.detach().float() - b.detach().float()).abs() <= 2 * ulp).all())

@@ -19,11 +19,13 @@ from _util import (
     Lockstep,
     assert_state_matches,
     clone_params,
+    continue_lockstep,
     first_error,
     make_model,
     random_grads,
     run_in_child,
     set_grads,
+    step_both,
 )
 
 import adam_triton
@@ -113,11 +115,7 @@ def test_fused_false_through_add_param_group(device, name, launches):
     oa.add_param_group({"params": pa[3:], "fused": False, "lr": 3e-2})
     ob.add_param_group({"params": pb[3:], "lr": 3e-2})
     for s in range(3):
-        grads = random_grads(pa, s)
-        set_grads(pa, grads)
-        set_grads(pb, grads)
-        oa.step()
-        ob.step()
+        step_both(oa, ob, pa, pb, random_grads(pa, s))
         assert_state_matches(oa, ob, pa, pb)
         assert_state_matches(oa, ob, pa[3:], pb[3:], exact=True)
     assert oa.param_groups[1]["fused"] is False
@@ -294,13 +292,7 @@ def materialised_meta_model_trains(name, step_on_meta):
     ref = torch_cls(twin.parameters(), foreach=False, **kw)
     ours_params, twin_params = list(model.parameters()), list(twin.parameters())
     assert all(p.device.type == device.type for p in ours_params)
-    for s in range(4):
-        grads = random_grads(twin_params, s)
-        set_grads(ours_params, grads)
-        set_grads(twin_params, grads)
-        opt.step()
-        ref.step()
-        assert_state_matches(opt, ref, ours_params, twin_params, FP32_TOL)
+    continue_lockstep(opt, ref, ours_params, twin_params, range(4), twin_params, FP32_TOL)
 
 
 @pytest.mark.parametrize("step_on_meta", [True, False], ids=["stepped-on-meta", "not-stepped"])
