@@ -52,7 +52,28 @@ ELEMS_PER_THREAD = 16
 # the compiled kernel computes the reference's fp32 values (and Triton's default, which
 # changes in 3.10, does not matter).
 ENABLE_FP_FUSION = False
-MAX_REGISTERS = 255
+# Warps of a program: 2 (a tile of 1024 elements), more where one block is larger. A register
+# cap of 200 fits 5 programs of 2 warps an SM, and ptxas compiles the variants with two
+# moments and blocks of at least 128 elements within it without spills (the map tables are
+# held in registers: 1536 words, 24 a thread). AMSGrad's third moment, and the more rows of a
+# tile of smaller blocks, take the cap of 255 (4 programs an SM): at 200 ptxas spills there.
+WARPS = 2
+MAX_REGISTERS, MAX_REGISTERS_LARGE = 200, 255
+# A chunk is CHUNK_SCALE times as many tiles as the config's (Adam's) chunk has iterations: 64
+# at the default config, so the loop's loads in flight outweigh the dependent prologue (5
+# round trips). But at most MAX_CHUNK_BLOCKS blocks: each moment's absmax for the chunk is a
+# loop-carried register vector (4 words a thread for 256 blocks).
+CHUNK_SCALE = 2
+MAX_CHUNK_BLOCKS = 256
+
+
+# Triton 3.6 (and its CUDA 12.8 ptxas) spills at the cap of 200 in every variant: it gets 255.
+_FITS_200 = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
+
+
+def max_registers(block_size, amsgrad):
+    """The register cap of a launch (see MAX_REGISTERS)."""
+    return MAX_REGISTERS if _FITS_200 and not amsgrad and block_size >= 128 else MAX_REGISTERS_LARGE
 
 
 @triton.jit
@@ -65,18 +86,22 @@ def _load(ptr, offs, mask):
 
 
 @triton.jit
-def _store_quantized(codes_ptr, absmax_ptr, x, offs, blk, mask, bmask, tree, root, N: tl.constexpr):
-    """Requantize fp32 x [ROWS, QBLOCK] with each block's new absmax; store codes and absmax."""
+def _requantize(codes_ptr, chunk_absmax, x, offs, mask, b, points, buckets, SIGNED: tl.constexpr, K: tl.constexpr,
+                N: tl.constexpr):
+    """Requantize fp32 x [ROWS, QBLOCK] (tile b of the chunk) with each block's new absmax:
+    store the codes; returns the chunk's absmax vector with the tile's blocks replaced."""
     absmax = quant8.block_absmax(x, mask)
-    tl.store(codes_ptr + offs, quant8.quantize(x, absmax, tree, root, N), mask=mask)
-    tl.store(absmax_ptr + blk, absmax, mask=bmask)
+    tl.store(codes_ptr + offs, quant8.quantize(x, absmax, points, buckets, SIGNED, K, N), mask=mask)
+    ROWS: tl.constexpr = absmax.shape[0]
+    ids = tl.arange(0, chunk_absmax.shape[0])
+    return tl.where(ids // ROWS == b, tl.gather(absmax, ids % ROWS, 0), chunk_absmax)
 
 
 @triton.jit
 def _adam8bit_tiles(
-    param_ptr, master_ptr, grad_ptr,  # typed pointers
-    m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr, x_codes_ptr, x_absmax_ptr,  # uint8 / fp32 pointers
-    signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree, unsigned_root,  # the maps
+    param_ptr, master_ptr, grad_ptr, m_codes_ptr, v_codes_ptr, x_codes_ptr,  # typed / uint8 pointers
+    m_absmax, v_absmax, x_absmax,  # the chunk's absmax of each moment, fp32 [CHUNK // QBLOCK]
+    signed_values, signed_points, unsigned_values, unsigned_points, buckets,  # the maps
     start, numel,  # first element of the chunk (a multiple of CHUNK), elements in the tensor
     first_tile, end_tile,  # tiles [first_tile, end_tile) of the chunk, BLOCK elements each
     grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
@@ -86,53 +111,50 @@ def _adam8bit_tiles(
     MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, seed,
     MASKED: tl.constexpr, BLOCK: tl.constexpr, QBLOCK: tl.constexpr,
 ):
+    """Tiles [first_tile, end_tile) of the chunk; returns the absmax vectors with their blocks
+    replaced by the new absmax."""
     ROWS: tl.constexpr = BLOCK // QBLOCK
     rows = tl.arange(0, ROWS)
     cols = tl.arange(0, QBLOCK)
-    # the chunk's first block (CHUNK is a multiple of BLOCK, so every tile's blocks start at a
-    # multiple of ROWS). A thread's 16 elements lie in one block: its absmax is one 32-bit
-    # load per moment, the same address for the threads of a block (one transaction)
-    first_blk = tl.multiple_of(start // QBLOCK, ROWS)
     b = first_tile
     while b < end_tile:  # (not range(): Triton 3.6's interpreter needs a constant bound)
         first = start + b * BLOCK
         offs = first + rows[:, None] * QBLOCK + cols[None, :]
-        blk = first_blk + b * ROWS + rows  # the tile's blocks
         if MASKED:  # (compiled Triton cannot return None from a helper, so this stays inline)
             mask = offs < numel
-            bmask = blk * QBLOCK < numel
         else:
             mask = None
-            bmask = None
         # load every operand before the first store (pointers from a table may alias)
         m_codes = _load(m_codes_ptr, offs, mask)
         v_codes = _load(v_codes_ptr, offs, mask)
-        m_absmax = _load(m_absmax_ptr, blk, bmask)
-        v_absmax = _load(v_absmax_ptr, blk, bmask)
         if AMSGRAD:
             x_codes = _load(x_codes_ptr, offs, mask)
-            x_absmax = _load(x_absmax_ptr, blk, bmask)
         g = load_f32(grad_ptr, offs, mask, GRAD_DTYPE)
         p = load_param(param_ptr, master_ptr, offs, mask, PARAM_DTYPE, MASTER)
-        # dequantize, then Adam's update in fp32
-        m = quant8.dequantize(m_codes, m_absmax, signed_values, BLOCK)
-        v = quant8.dequantize(v_codes, v_absmax, unsigned_values, BLOCK)
+        # dequantize with the tile's blocks' absmax (from the chunk's vectors), then Adam's
+        # update in fp32
+        blk = b * ROWS + rows
+        m = quant8.dequantize(m_codes, tl.gather(m_absmax, blk, 0), signed_values, BLOCK)
+        v = quant8.dequantize(v_codes, tl.gather(v_absmax, blk, 0), unsigned_values, BLOCK)
         if AMSGRAD:
-            vmax = quant8.dequantize(x_codes, x_absmax, unsigned_values, BLOCK)
+            vmax = quant8.dequantize(x_codes, tl.gather(x_absmax, blk, 0), unsigned_values, BLOCK)
         else:
             vmax = v  # (unused)
         p, m, v, vmax = adam_math(
             g, p, m, v, vmax, grad_div, clip, step_size, bc2_sqrt, decay, one_minus_beta1, beta2, one_minus_beta2,
             eps, weight_decay, SCALED, CLIPPED, AMSGRAD, MAXIMIZE, WD_MODE,
         )
-        # write back: each state requantized with its blocks' new absmax, then the param
-        _store_quantized(m_codes_ptr, m_absmax_ptr, m, offs, blk, mask, bmask, signed_tree, signed_root, BLOCK)
-        _store_quantized(v_codes_ptr, v_absmax_ptr, v, offs, blk, mask, bmask, unsigned_tree, unsigned_root, BLOCK)
-        if AMSGRAD:
-            _store_quantized(x_codes_ptr, x_absmax_ptr, vmax, offs, blk, mask, bmask, unsigned_tree, unsigned_root,
-                             BLOCK)
+        # write back: the param, then each state requantized with its blocks' new absmax
         store_param(param_ptr, master_ptr, offs, p, mask, first, seed, PARAM_DTYPE, MASTER, STOCHASTIC, BLOCK)
+        m_absmax = _requantize(m_codes_ptr, m_absmax, m, offs, mask, b, signed_points, buckets,
+                               True, quant8.K_SIGNED, BLOCK)
+        v_absmax = _requantize(v_codes_ptr, v_absmax, v, offs, mask, b, unsigned_points, buckets,
+                               False, quant8.K_UNSIGNED, BLOCK)
+        if AMSGRAD:
+            x_absmax = _requantize(x_codes_ptr, x_absmax, vmax, offs, mask, b, unsigned_points, buckets,
+                                   False, quant8.K_UNSIGNED, BLOCK)
         b += 1
+    return m_absmax, v_absmax, x_absmax
 
 
 @triton.jit(do_not_specialize=["n_rows", "seed"])
@@ -141,7 +163,7 @@ def _adam8bit_kernel(
     n_rows,  # tensors in the table
     chunks_ptr,  # int64 [n_chunks, 2]: tensor index, first element
     hyper_ptr,  # int64 [n_groups, N_HYPER]: Adam's rows (kernels/adam.py)
-    maps_ptr,  # fp32 [4, 256]: quant8.map_tables (signed values, tree; unsigned values, tree)
+    maps_ptr,  # int32 [quant8.MAP_WORDS]: quant8.map_tables
     grad_scale_ptr,  # GradScaler's scale (grads are divided by it), or None
     found_inf_ptr,  # GradScaler's found_inf: non-zero leaves everything untouched; or None
     clip_coef_ptr,  # fp32 0-d clip coefficient the grads are multiplied by, or None
@@ -179,13 +201,23 @@ def _adam8bit_kernel(
     )
 
     if run:
-        # the two maps, once per program (values for dequantize, Eytzinger trees for quantize)
+        # the two maps, once per program: values (dequantize), decision points and bucket
+        # tables (quantize)
         signed_values = quant8.load_map(maps_ptr, quant8.SIGNED_VALUES)
-        signed_tree = quant8.load_map(maps_ptr, quant8.SIGNED_TREE)
+        signed_points = quant8.load_map(maps_ptr, quant8.SIGNED_POINTS)
+        buckets = quant8.load_words(maps_ptr, quant8.BUCKETS, quant8.BUCKET_WORDS)
         unsigned_values = quant8.load_map(maps_ptr, quant8.UNSIGNED_VALUES)
-        unsigned_tree = quant8.load_map(maps_ptr, quant8.UNSIGNED_TREE)
-        signed_root = tl.load(maps_ptr + quant8.SIGNED_TREE * 256)
-        unsigned_root = tl.load(maps_ptr + quant8.UNSIGNED_TREE * 256)
+        unsigned_points = quant8.load_map(maps_ptr, quant8.UNSIGNED_POINTS)
+        # the chunk's blocks' absmax, read here once and written once at the end (a chunk is
+        # whole blocks: CHUNK is a multiple of QBLOCK, and the tensor's last block may be short)
+        NB: tl.constexpr = CHUNK // QBLOCK
+        blk = start // QBLOCK + tl.arange(0, NB)
+        bmask = blk < tl.cdiv(numel, QBLOCK)
+        m_absmax = tl.load(m_absmax_ptr + blk, mask=bmask, other=0.0)
+        v_absmax = tl.load(v_absmax_ptr + blk, mask=bmask, other=0.0)
+        x_absmax = v_absmax
+        if AMSGRAD:
+            x_absmax = tl.load(x_absmax_ptr + blk, mask=bmask, other=0.0)
         # the chunk's full tiles take the unmasked (128-bit) path when every pointer is
         # aligned; the last partial tile of a tensor, or every tile of an unaligned one, the
         # masked path
@@ -193,44 +225,48 @@ def _adam8bit_kernel(
         n_full = 0
         if ALIGNED:
             n_full = size // BLOCK
-            _adam8bit_tiles(
-                param_ptr, master_ptr, grad_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
-                x_codes_ptr, x_absmax_ptr, signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree,
-                unsigned_root, start, numel, 0, n_full, grad_div, clip, step_size, bc2_sqrt, decay,
+            m_absmax, v_absmax, x_absmax = _adam8bit_tiles(
+                param_ptr, master_ptr, grad_ptr, m_codes_ptr, v_codes_ptr, x_codes_ptr, m_absmax, v_absmax, x_absmax,
+                signed_values, signed_points, unsigned_values, unsigned_points, buckets,
+                start, numel, 0, n_full, grad_div, clip, step_size, bc2_sqrt, decay,
                 one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
                 grad_scale_ptr is not None, clip_coef_ptr is not None,
                 PARAM_DTYPE, GRAD_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE, MASTER, STOCHASTIC, seed,
                 False, BLOCK, QBLOCK,
             )
-        _adam8bit_tiles(
-            param_ptr, master_ptr, grad_ptr, m_codes_ptr, m_absmax_ptr, v_codes_ptr, v_absmax_ptr,
-            x_codes_ptr, x_absmax_ptr, signed_values, signed_tree, signed_root, unsigned_values, unsigned_tree,
-            unsigned_root, start, numel, n_full, tl.cdiv(size, BLOCK), grad_div, clip, step_size, bc2_sqrt, decay,
+        m_absmax, v_absmax, x_absmax = _adam8bit_tiles(
+            param_ptr, master_ptr, grad_ptr, m_codes_ptr, v_codes_ptr, x_codes_ptr, m_absmax, v_absmax, x_absmax,
+            signed_values, signed_points, unsigned_values, unsigned_points, buckets,
+            start, numel, n_full, tl.cdiv(size, BLOCK), grad_div, clip, step_size, bc2_sqrt, decay,
             one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
             grad_scale_ptr is not None, clip_coef_ptr is not None,
             PARAM_DTYPE, GRAD_DTYPE, AMSGRAD, MAXIMIZE, WD_MODE, MASTER, STOCHASTIC, seed,
             True, BLOCK, QBLOCK,
         )
+        tl.store(m_absmax_ptr + blk, m_absmax, mask=bmask)
+        tl.store(v_absmax_ptr + blk, v_absmax, mask=bmask)
+        if AMSGRAD:
+            tl.store(x_absmax_ptr + blk, x_absmax, mask=bmask)
 
 
 def launch_shape(block_size, config, whole_chunk=False):
     """(CHUNK, BLOCK, num_warps) of an 8-bit launch with the (Adam-style) config: a tile of
-    ELEMS_PER_THREAD elements per thread (at least one quantization block: more warps for a
-    block larger than that), and a chunk of as many tiles as Adam's fp32 kernel takes
-    iterations (config CHUNK / BLOCK), so the programs keep as many loads in flight per
-    dependent prologue. With whole_chunk (the interpreter's choice: there every operation
-    costs the same whatever its size) one tile is the whole config chunk. The host builds its chunk table with the
-    same CHUNK (Adam8bit._chunk_elements). Raises ValueError unless the chunk is a multiple
-    of block_size (both are powers of two)."""
+    ELEMS_PER_THREAD elements for each thread of WARPS warps (more warps for a block larger
+    than that: a tile holds whole blocks), and a chunk of CHUNK_SCALE times as many tiles as
+    the config's chunk has iterations, at most MAX_CHUNK_BLOCKS blocks. With whole_chunk (the
+    interpreter's choice: there every operation costs the same whatever its size) one tile is
+    the whole config chunk. The host builds its chunk table with the same CHUNK
+    (Adam8bit._chunk_elements). Raises ValueError unless the chunk is 1 to MAX_CHUNK_BLOCKS
+    blocks of block_size (both are powers of two)."""
     chunk, warps = config["CHUNK"], config["num_warps"]
     if whole_chunk:
         tile = chunk
     else:
-        warps = max(warps, block_size // (ELEMS_PER_THREAD * 32))
+        warps = max(WARPS, block_size // (ELEMS_PER_THREAD * 32))
         tile = ELEMS_PER_THREAD * 32 * warps
-        chunk = max(chunk // config["BLOCK"], 1) * tile
-    if chunk % block_size:
-        raise ValueError(f"chunk {chunk} is not a multiple of the 8-bit block size {block_size}")
+        chunk = max(min(CHUNK_SCALE * (chunk // config["BLOCK"]) * tile, MAX_CHUNK_BLOCKS * block_size), tile)
+    if chunk % block_size or chunk // block_size > MAX_CHUNK_BLOCKS:
+        raise ValueError(f"chunk {chunk} is not 1 to {MAX_CHUNK_BLOCKS} blocks of the 8-bit block size {block_size}")
     return chunk, tile, warps
 
 
@@ -251,7 +287,5 @@ def adam8bit_update(
         AMSGRAD=bool(amsgrad), MAXIMIZE=bool(maximize), WD_MODE=wd_mode,
         MASTER=bool(master), STOCHASTIC=bool(stochastic), ALIGNED=bool(aligned),
         CHUNK=chunk, BLOCK=tile, QBLOCK=block_size, num_warps=warps, enable_fp_fusion=ENABLE_FP_FUSION,
-        # every register a thread may have: left to itself, ptxas gives the bf16 stochastic-
-        # rounding variant 168 and spills 4 words across the loop
-        maxnreg=MAX_REGISTERS,
+        maxnreg=max_registers(block_size, amsgrad),
     )

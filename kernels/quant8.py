@@ -8,13 +8,18 @@ A kernel works on tiles of shape [ROWS, QBLOCK]: one row is one quantization blo
 block lives in one program and its new absmax is a row maximum (tl.max over axis 1) —
 dequantize, update in fp32, find the new absmax, requantize, all in registers.
 
-The two maps come from global memory once per program as [256] fp32 tensors (map_tables'
-rows) and are looked up with tl.gather, which the compiler serves from shared memory: no
-global load depends on a code. Row 0 / 2: the 256 sorted values of the signed / unsigned
-map (dequantize). Row 1 / 3: the 255 decision points between neighbouring values in
-Eytzinger (breadth-first) order plus one unused pad: quantize walks that implicit binary
-tree, and the nodes of one level are adjacent in memory, so the lanes of a warp reading
-one level hit distinct shared-memory banks for the first five levels.
+The tables (map_tables, int32 words) come from global memory once per program and are looked
+up with tl.gather, which the compiler serves from shared memory: no global load depends on
+a code. Per map: its 256 sorted values (dequantize), its 255 sorted decision points t plus
+an +inf pad, and a bucket table for the nearest-code search.
+
+Nearest code (quantize): code(y) = #{i : t[i] <= y}. The bits of |y| above the low SHIFT
+bits (its exponent and top BUCKET_BITS mantissa bits), clamped to the binades from 2^MIN_EXP
+to 2, and y's sign pick one of 2 * HALF buckets, each an interval of fp32 values in order.
+The bucket's byte in the table is c, the number of decision points below the bucket (at most
+256 - K), and at most K decision points lie in it, so code = c + #{j < K : t[c + j] <= y}:
+one gather of c and K independent gathers and compares, exact by construction (the table
+builder checks K for the map, and a test checks the search against torch.bucketize).
 """
 
 import torch
@@ -26,33 +31,95 @@ NAN_BITS = tl.constexpr(0x7FC00000)  # a NaN global would never compare equal to
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
 TWO_64 = tl.constexpr(2.0**64)
 TWO_M64 = tl.constexpr(2.0**-64)
-# rows of map_tables
-SIGNED_VALUES, SIGNED_TREE, UNSIGNED_VALUES, UNSIGNED_TREE = 0, 1, 2, 3
-MAP_ROWS = 4
+
+# The bucket search. 5 mantissa bits leave at most 2 decision points of the signed dynamic
+# map and 3 of the unsigned one in a bucket (4 bits: 3 and 5; 6 bits: 1 and 2, with twice the
+# table); below 2^-20 (9.5e-7) the maps have 1 (signed) and 2 (unsigned) points per sign.
+BUCKET_BITS = 5
+MIN_EXP = -20
+SHIFT = 23 - BUCKET_BITS
+BASE = (127 + MIN_EXP) << BUCKET_BITS  # bits of 2^MIN_EXP >> SHIFT
+# buckets per sign: [0, 2^MIN_EXP), the 2^BUCKET_BITS buckets of each binade up to 2, [2, inf]
+HALF = (128 << BUCKET_BITS) - BASE + 2
+# One table of bucket bytes, 4 a word: the signed map's 2 * HALF buckets, then the unsigned
+# map's HALF buckets of y >= 0 (quantize clamps y at 0 for it: every point of that map is > 0,
+# so a y below 0 has the code of 0). 1348 + 674 bytes in 512 words.
+UNSIGNED_AT = 2 * HALF
+BUCKET_WORDS = 512
+K_SIGNED, K_UNSIGNED = 2, 3  # decision points a bucket may hold (map_tables checks them)
+# the same numbers for the kernels (a jit function reads only constexpr globals)
+_SHIFT, _BASE, _HALF, _UNSIGNED_AT = tl.constexpr(SHIFT), tl.constexpr(BASE), tl.constexpr(HALF), tl.constexpr(UNSIGNED_AT)
+# word offsets of the tables in map_tables
+SIGNED_VALUES, SIGNED_POINTS, UNSIGNED_VALUES, UNSIGNED_POINTS, BUCKETS = 0, 256, 512, 768, 1024
+MAP_WORDS = 1024 + BUCKET_WORDS
 
 
-def eytzinger(thresholds):
-    """The 255 sorted decision points in breadth-first order of their perfect binary search
-    tree (node k's children are 2k+1 and 2k+2), then a 0 pad: 256 values."""
-    assert thresholds.numel() == 255
-    order = [(2 * (k - (1 << d) + 1) + 1) * (1 << (7 - d)) - 1 for d in range(8) for k in range((1 << d) - 1, (1 << (d + 1)) - 1)]
-    return torch.cat([thresholds[order], thresholds.new_zeros(1)])
+def _f32(bits):
+    return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+
+
+def bucket_bounds(signed=True):
+    """fp32 [n, 2]: the smallest and largest value of each bucket in index order, which is value
+    order. Signed: 2 * HALF buckets, HALF - 1 down to 0 hold the negative values by magnitude
+    (-0.0 ends bucket HALF - 1), HALF up the rest. Unsigned: the HALF buckets of values >= 0."""
+    k = torch.arange(HALF, dtype=torch.int64)
+    lo = torch.where(k == 0, 0, (BASE + k - 1) << SHIFT)
+    hi = torch.where(k == HALF - 1, 0x7F800000, ((BASE + k) << SHIFT) - 1)
+    lo, hi = _f32(lo.int().tolist()), _f32(hi.int().tolist())
+    pos = torch.stack([lo, hi], 1)
+    return torch.cat([torch.stack([-hi, -lo], 1).flip(0), pos]) if signed else pos
+
+
+def bucket_bytes(points, k, signed):
+    """int64 per bucket of bucket_bounds(signed): min(#{points < the bucket's smallest value},
+    256 - k). Raises ValueError where a bucket holds more than k of the sorted points."""
+    bounds = bucket_bounds(signed)
+    below = torch.searchsorted(points, bounds[:, 0].contiguous(), right=False)  # points < lo
+    upto = torch.searchsorted(points, bounds[:, 1].contiguous(), right=True)  # points <= hi
+    if (upto - below).max() > k:
+        raise ValueError(f"a bucket holds {int((upto - below).max())} decision points (at most {k})")
+    return below.clamp(max=256 - k)
 
 
 def map_tables(signed_map, unsigned_map):
-    """fp32 [4, 256]: the signed map's values, its decision points (qmap[i] + qmap[i+1]) / 2
-    (fp32) in Eytzinger order; the same for the unsigned map."""
-    rows = []
-    for q in (signed_map, unsigned_map):
+    """int32 [MAP_WORDS]: per map (signed, unsigned) the bits of its 256 fp32 values, of its
+    255 decision points (qmap[i] + qmap[i+1]) / 2 (fp32) and an +inf pad; then the bucket
+    bytes of both maps (bucket_bytes), 4 a word, little end first."""
+    rows, buckets = [], []
+    for q, k, signed in ((signed_map, K_SIGNED, True), (unsigned_map, K_UNSIGNED, False)):
         q = q.to(torch.float32)
-        rows += [q, eytzinger((q[:-1] + q[1:]) / 2)]
-    return torch.stack(rows).contiguous()
+        points = (q[:-1] + q[1:]) / 2
+        rows += [q, torch.cat([points, torch.full((1,), float("inf"))])]
+        buckets.append(bucket_bytes(points, k, signed))
+    c = torch.zeros(4 * BUCKET_WORDS, dtype=torch.int64)
+    c[: 3 * HALF] = torch.cat(buckets)
+    words = (c.view(-1, 4) << torch.tensor([0, 8, 16, 24])).sum(1)
+    words = ((words + 2**31) % 2**32 - 2**31).to(torch.int32)
+    return torch.cat([r.view(torch.int32) for r in rows] + [words]).contiguous()
+
+
+def search(y, points, buckets, k, signed):
+    """The codes the kernels' search gives fp32 y with a map's decision points (fp32 [256], +inf
+    padded) and the bucket words (int32 [BUCKET_WORDS]), in torch: for tests."""
+    if not signed:
+        y = y.clamp(min=0.0)
+    b = y.contiguous().view(torch.int32).to(torch.int64)
+    kk = (((b & 0x7FFFFFFF) >> SHIFT) - (BASE - 1)).clamp(0, HALF - 1)
+    idx = torch.where(b < 0, HALF - 1 - kk, HALF + kk) if signed else UNSIGNED_AT + kk
+    c = (buckets.to(torch.int64)[idx >> 2] >> ((idx & 3) * 8)) & 0xFF
+    return c + sum((points[c + j] <= y).long() for j in range(k))
 
 
 @triton.jit
-def load_map(maps_ptr, ROW: tl.constexpr):
-    """Row ROW of the map tables as a [256] fp32 tensor (kept in registers by the caller)."""
-    return tl.load(maps_ptr + ROW * 256 + tl.arange(0, 256))
+def load_words(maps_ptr, OFFSET: tl.constexpr, N: tl.constexpr):
+    """Words [OFFSET, OFFSET + N) of the map tables (int32, kept in registers by the caller)."""
+    return tl.load(maps_ptr + OFFSET + tl.arange(0, N))
+
+
+@triton.jit
+def load_map(maps_ptr, OFFSET: tl.constexpr):
+    """A map's values or decision points as a [256] fp32 tensor."""
+    return load_words(maps_ptr, OFFSET, 256).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -78,21 +145,31 @@ def block_absmax(x, mask):
 
 
 @triton.jit
-def quantize(x, absmax, tree, root, N: tl.constexpr):
+def quantize(x, absmax, points, buckets, SIGNED: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
     """uint8 codes [ROWS, QBLOCK] of fp32 x [ROWS, QBLOCK] (N elements) with their blocks'
     absmax [ROWS]: y = x * (1 / absmax) (the reciprocal an IEEE division per block, the
     product rounded on its own; y = 0 where absmax is 0 or NaN; x and absmax both scaled by
-    2^64 for an absmax below 2^-64, by 2^-64 above 2^64), code = #{i : t[i] <= y} over
-    the map's 255 sorted decision points t: the nearest map value, a tie going up. Eight
-    steps down the Eytzinger tree (node j -> 2j+1 + (y >= t_j)); the first compares with the
-    scalar root (tree[0]), the other seven gather from `tree`."""
+    2^64 for an absmax below 2^-64, by 2^-64 above 2^64), code = #{i : t[i] <= y} over the
+    map's 255 sorted decision points t (`points`, +inf padded): the nearest map value, a tie
+    going up. The bucket search of the module docstring: y's bucket from its bits (SIGNED:
+    the signed map's buckets; else the unsigned map's, with y clamped at 0), c from the bucket
+    bytes, then K compares with t[c], ..., t[c + K - 1]."""
     ok = absmax > 0
     # both scaled by a power of two where the reciprocal would overflow or be subnormal
     scale = tl.where(absmax < TWO_M64, TWO_64, tl.where(absmax > TWO_64, TWO_M64, 1.0))
     inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(ok, absmax * scale, 1.0))
     y = tl.where(ok[:, None], (x * scale[:, None]) * inv[:, None], 0.0)
     y = tl.reshape(y, [N])  # (tl.gather takes operands of one rank)
-    j = tl.where(y >= root, 2, 1)
-    for _ in tl.static_range(7):
-        j = 2 * j + tl.where(y >= tl.gather(tree, j, 0), 2, 1)
-    return tl.reshape((j - 255).to(tl.uint8), x.shape)
+    if not SIGNED:
+        y = tl.maximum(y, 0.0)
+    bits = y.to(tl.int32, bitcast=True)
+    k = tl.minimum(tl.maximum(((bits & 0x7FFFFFFF) >> _SHIFT) - (_BASE - 1), 0), _HALF - 1)
+    if SIGNED:
+        idx = tl.where(bits < 0, _HALF - 1 - k, _HALF + k)
+    else:
+        idx = _UNSIGNED_AT + k
+    c = (tl.gather(buckets, idx >> 2, 0) >> ((idx & 3) * 8)) & 0xFF
+    code = c
+    for j in tl.static_range(K):
+        code += tl.where(tl.gather(points, c + j, 0) <= y, 1, 0)
+    return tl.reshape(code.to(tl.uint8), x.shape)

@@ -91,7 +91,7 @@ def streams(name, dts, flags):
     if name == "rmsprop":
         st = [s] + ([s] if flags["centered"] else []) + ([s] if flags["momentum"] else [])
         return [g, param_load] + st, st + param_store
-    if name == "adam8bit":  # the uint8 codes (each block's fp32 absmax: absmax_ld_bytes)
+    if name == "adam8bit":  # the uint8 codes (each block's fp32 absmax is read and written once a program)
         st = [1, 1] + ([1] if flags["amsgrad"] else [])
         return [g, param_load] + st, st + param_store
     if name == "norm":
@@ -135,7 +135,7 @@ def capture_launch(name, dts, aligned, flags, ptrs):
             clip_coef=scalar["clip_coef"], master=flags["master"], stochastic=flags["stochastic"], seed=7,
         )
         if name == "adam8bit":
-            maps = torch.zeros(quant8.MAP_ROWS, 256, dtype=torch.float32)
+            maps = torch.zeros(quant8.MAP_WORDS, dtype=torch.int32)
             adam8bit.adam8bit_update(table, 3, chunks, 3, hyper, maps, block_size=flags["block_size"],
                                      amsgrad=flags["amsgrad"], maximize=flags["maximize"], wd_mode=flags["wd_mode"],
                                      **common)
@@ -174,7 +174,7 @@ def compile_one(job):
                 signature[arg] = "constexpr"
                 constexprs[arg] = None
             elif isinstance(value, torch.Tensor):
-                signature[arg] = {torch.int64: "*i64", torch.float32: "*fp32"}[value.dtype]
+                signature[arg] = {torch.int64: "*i64", torch.int32: "*i32", torch.float32: "*fp32"}[value.dtype]
                 attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
             elif isinstance(value, float):
                 signature[arg] = "fp32"
@@ -182,8 +182,6 @@ def compile_one(job):
                 signature[arg] = "i32"
         rec.update(options=options, block=constexprs.get("BLOCK"), chunk=constexprs.get("CHUNK"),
                    triton=triton.__version__)
-        if name == "adam8bit":  # a thread's elements lie in one block: one fp32 absmax load per moment
-            rec["absmax_ld_bytes"] = 4 * (3 if flags["amsgrad"] else 2)
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
         ptx = compiled.asm["ptx"]
@@ -293,7 +291,7 @@ def sass_stats(cubin, rec, load_streams, store_streams):
     iters = rec["chunk"] // rec["block"]
     out.update(
         hot_widths=widths, late_loads=late, ld_bytes_per_thread=ld_bytes,
-        expected_ld_bytes=per_thread * sum(load_streams) + rec.get("absmax_ld_bytes", 0), expected_st_bytes=per_thread * sum(store_streams),
+        expected_ld_bytes=per_thread * sum(load_streams), expected_st_bytes=per_thread * sum(store_streams),
         st_bytes_per_thread=sum(access_bytes(o) for _, p, o, _ in best if p is None and is_global(o, "store")),
         ctas_per_sm=ctas,
         inflight_kb=ld_bytes * ctas * threads_cta * iters / (iters + PROLOGUE_ROUND_TRIPS) / 1024,

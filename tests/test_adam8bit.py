@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from _util import FP32_TOL
 from test_launches import launches  # noqa: F401  (the fixture)
 from torch import nn
@@ -284,23 +286,89 @@ def test_adam8bit_nan_grad_spreads_to_its_block_only():
 
 # ------------------------------------------------------------------ the kernels' map tables
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_map_tables_hold_values_and_an_eytzinger_tree_of_the_decision_points(signed):
-    """kernels/quant8.py's tables: the map's values, and its decision points in breadth-first
-    order; walking that tree (node j -> 2j+1 + (y >= t_j), 8 levels) gives the reference's code."""
-    q = qmap_of(signed)
+def _map_rows(signed):
+    """(values, decision points, bucket table, K) of one map in quant8.map_tables."""
     table = quant8.map_tables(SIGNED, UNSIGNED)
-    assert table.shape == (4, 256) and table.dtype == torch.float32 and table.is_contiguous()
-    values, tree = table[0 if signed else 2], table[1 if signed else 3]
-    assert torch.equal(values, q)
+    assert table.shape == (quant8.MAP_WORDS,) and table.dtype == torch.int32 and table.is_contiguous()
+    v, t = (quant8.SIGNED_VALUES, quant8.SIGNED_POINTS) if signed else (quant8.UNSIGNED_VALUES, quant8.UNSIGNED_POINTS)
+    k = quant8.K_SIGNED if signed else quant8.K_UNSIGNED
+    return (table[v:v + 256].view(torch.float32), table[t:t + 256].view(torch.float32),
+            table[quant8.BUCKETS:quant8.BUCKETS + quant8.BUCKET_WORDS], k)
+
+
+def _hard_values(q):
+    """fp32 values where a nearest-code search can go wrong: every map value and decision
+    point and their neighbours 1-2 ulps away, every bucket's first and last value and their
+    neighbours, zeros of both signs, +-1 and beyond, and random values of every magnitude."""
     t = ref.code_thresholds(q)
-    assert torch.equal(tree[:255].sort().values, t) and tree[0] == t[127] and tree[1] == t[63] and tree[2] == t[191]
     gen = torch.Generator().manual_seed(2)
-    y = torch.cat([torch.rand(4000, generator=gen) * 2 - 1, q, t, torch.nextafter(t, torch.full_like(t, -2.0))])
-    j = torch.zeros_like(y, dtype=torch.long)
-    for _ in range(8):
-        j = 2 * j + 1 + (y >= tree[j]).long()
-    assert torch.equal(j - 255, torch.bucketize(y, t, right=True))
+    rand = torch.randn(20000, generator=gen) * torch.exp(4 * torch.randn(20000, generator=gen))
+    bounds = quant8.bucket_bounds(signed=True).flatten()
+    bounds = bounds[bounds.isfinite()]
+    y = torch.cat([q, t, bounds, rand.clamp(-1.5, 1.5), torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 3e38, -3e38])])
+    near = [y]
+    for d in (1, 2):
+        for direction in (math.inf, -math.inf):
+            x = y
+            for _ in range(d):
+                x = torch.nextafter(x, torch.full_like(x, direction))
+            near.append(x)
+    return torch.cat(near)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_map_tables_hold_the_values_the_decision_points_and_a_bucket_search(signed):
+    """kernels/quant8.py's tables: the map's values, its decision points (+inf padded), and
+    bucket bytes with which the kernels' search (quant8.search is its torch form) gives the
+    reference's code (torch.bucketize) on the values where it could go wrong."""
+    q = qmap_of(signed)
+    values, points, buckets, k = _map_rows(signed)
+    t = ref.code_thresholds(q)
+    assert torch.equal(values, q) and torch.equal(points[:255], t) and points[255] == math.inf
+    y = _hard_values(q)
+    assert torch.equal(quant8.search(y, points, buckets, k, signed), torch.bucketize(y, t, right=True))
+    # fewer compares than the map needs: the builder refuses
+    with pytest.raises(ValueError, match="decision points"):
+        quant8.bucket_bytes(t, k - 1, signed)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, codes_ptr, maps_ptr, POINTS: tl.constexpr, SIGNED: tl.constexpr, K: tl.constexpr,
+                     ROWS: tl.constexpr, QBLOCK: tl.constexpr):
+    offs = tl.arange(0, ROWS)[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    x = tl.load(x_ptr + offs)
+    points = quant8.load_map(maps_ptr, POINTS)
+    buckets = quant8.load_words(maps_ptr, quant8.BUCKETS, quant8.BUCKET_WORDS)
+    codes = quant8.quantize(x, quant8.block_absmax(x, None), points, buckets, SIGNED, K, ROWS * QBLOCK)
+    tl.store(codes_ptr + offs, codes)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_kernel_quantize_gives_the_nearest_code_of_every_hard_value(signed):
+    """The kernels' quantize (kernels/quant8.py, run by the interpreter here) on blocks whose
+    absmax is 1, so y is x itself: every hard value gets torch.bucketize's code."""
+    q = qmap_of(signed)
+    y = _hard_values(q).clamp(-1.0, 1.0)
+    y = y if signed else torch.cat([y.abs(), -y.abs()])  # (the unsigned map: y < 0 has the code of 0)
+    qblock = 256
+    n_blocks = -(-y.numel() // (qblock - 1))
+    x = torch.zeros(n_blocks, qblock)
+    x[:, 0] = 1.0  # each block's absmax
+    flat = x[:, 1:].reshape(-1)
+    flat[: y.numel()] = y
+    x[:, 1:] = flat.view(n_blocks, qblock - 1)
+    rows = 8
+    n_blocks_padded = -(-n_blocks // rows) * rows
+    x = torch.cat([x, torch.ones(n_blocks_padded - n_blocks, qblock)])
+    codes = torch.empty(x.shape, dtype=torch.uint8)
+    maps = quant8.map_tables(SIGNED, UNSIGNED)
+    points_at = quant8.SIGNED_POINTS if signed else quant8.UNSIGNED_POINTS
+    k = quant8.K_SIGNED if signed else quant8.K_UNSIGNED
+    for r in range(0, n_blocks_padded, rows):
+        _quantize_kernel[(1,)](x[r:r + rows], codes[r:r + rows], maps, points_at, signed, k, rows, qblock)
+    want = torch.bucketize(x, ref.code_thresholds(q), right=True)
+    assert torch.equal(codes.long(), want)
+    assert torch.equal(codes, ref.quantize_with_absmax(x, torch.ones(n_blocks_padded), q, qblock).view(x.shape))
 
 
 # ------------------------------------------------------------------ against bitsandbytes

@@ -72,9 +72,9 @@ def test_no_flush_to_zero_arithmetic(compiled):
 def test_no_spills(compiled):
     # sm_90 only: under Triton 3.6 the sm_80 code of stochastic-rounding RMSprop with fp32
     # states spills 4 accesses at the register cap sized for an sm_90
-    # The one exception: Triton 3.6 compiles the 8-bit kernel's masked loop (a tensor's last
-    # partial tile, or an unaligned tensor) with spills, 15 words reloaded per iteration of
-    # that loop; its aligned loop, and every loop under 3.9, has none.
+    # The one exception: Triton 3.6 compiles the 8-bit kernel with spills outside its aligned
+    # loop (in the masked loop of a tensor's last partial tile) for 16-bit params and blocks of
+    # 64 elements; its aligned loop, and every loop under 3.9, has none.
     for r in compiled:
         if r["ok"] and r["kernel"] != "clip" and r["cap"] == 90:
             if r["kernel"] == "adam8bit" and r["triton"].startswith("3.6."):
@@ -89,40 +89,39 @@ def test_aligned_path_moves_every_stream_in_128_bit_accesses(compiled):
             continue
         assert r.get("hot_widths"), (_name(r), "no vectorized loop")
         narrow = {op: n for op, n in r["hot_widths"].items() if ".128" not in op}
-        if r["kernel"] == "adam8bit":
-            # each block's fp32 absmax: one 32-bit load per moment and thread (a thread's 16
-            # elements lie in one block; 4 bytes per 256 elements at the default block size)
-            assert narrow == {"LDG.E": 3 if r["flags"]["amsgrad"] else 2}, (_name(r), r["hot_widths"])
-        else:
-            assert not narrow, (_name(r), r["hot_widths"])
+        # (the 8-bit kernel reads and writes its blocks' fp32 absmax once a program, not in the loop)
+        assert not narrow, (_name(r), r["hot_widths"])
         # exactly the bytes of the variant's streams: no stream split or loaded twice
         assert r["ld_bytes_per_thread"] == r["expected_ld_bytes"], (_name(r), r["hot_widths"])
         assert r["st_bytes_per_thread"] == r["expected_st_bytes"], (_name(r), r["hot_widths"])
 
 
 def test_one_memory_round_trip_per_iteration(compiled):
-    # the 8-bit kernel: at most one load of an iteration waits (in some variants ptxas places
-    # the first byte unpack of a code load before the last load; the others issue all first)
     for r in _sm90_aligned(compiled):
         if r["kernel"] != "clip":
-            assert r["late_loads"] <= (r["kernel"] == "adam8bit"), (_name(r), r["late_loads"])
+            assert r["late_loads"] == 0, (_name(r), r["late_loads"])
 
 
 def test_loads_in_flight_per_sm(compiled):
-    # The one known gap: the 8-bit kernel with 16-bit params (no fp32 master) reaches 24 KB
-    # (bf16 or fp16 grads) to 36 KB (fp32 grads). Its 16 elements a thread (what 128-bit code
-    # accesses take) need 200-250 registers, so 2 blocks of 4 warps fit an SM, and a thread
-    # loads only 104-156 bytes an iteration when param and grad are 16-bit.
+    # The known gaps, all in the 8-bit kernel (16 elements a thread; 5 programs of 2 warps an
+    # SM at its register cap of 200, 4 at the cap of 255, which blocks under 128 elements,
+    # AMSGrad and every variant under Triton 3.6 take: ptxas spills at 200 there). Blocks of 64
+    # elements: 33.7 KB. 16-bit params without a master copy: with 16-bit grads a thread loads
+    # 96 bytes an iteration (28.7 KB; 22.9 KB at 4 programs), with fp32 grads 128 bytes, which
+    # reaches 38.2 KB at 5 programs but not at 4 (30.6 KB; 34.4 KB for AMSGrad).
     gaps = []
     for r in _sm90_aligned(compiled):
         if r["kernel"] == "clip":
             continue
-        if r["kernel"] == "adam8bit" and r["dtypes"][0] != "fp32" and not r["flags"]["master"]:
-            gaps.append(r)
-            assert r["inflight_kb"] >= 23, (_name(r), r["regs"], r["ctas_per_sm"], r["inflight_kb"])
-        else:
-            assert r["inflight_kb"] >= MIN_INFLIGHT_KB, (_name(r), r["regs"], r["ctas_per_sm"], r["inflight_kb"])
-    assert len(gaps) == 6, [_name(r) for r in gaps]
+        if r["kernel"] == "adam8bit":
+            param16 = r["dtypes"][0] != "fp32" and not r["flags"]["master"]
+            cap255 = r["flags"]["amsgrad"] or r["triton"].startswith("3.6.")
+            if r["flags"]["block_size"] < 128 or param16 and (r["dtypes"][1] != "fp32" or cap255):
+                gaps.append(r)
+                assert r["inflight_kb"] >= 22, (_name(r), r["regs"], r["ctas_per_sm"], r["inflight_kb"])
+                continue
+        assert r["inflight_kb"] >= MIN_INFLIGHT_KB, (_name(r), r["regs"], r["ctas_per_sm"], r["inflight_kb"])
+    assert len(gaps) == (7 if gaps[0]["triton"].startswith("3.6.") else 5), [_name(r) for r in gaps]
 
 
 def test_bf16_stores_use_the_hardware_rounding(compiled):
@@ -139,6 +138,7 @@ def test_masked_path_has_no_vector_accesses(compiled):
     masked = [r for r in compiled if r["ok"] and not r["aligned"] and r["kernel"] != "clip"]
     assert masked
     for r in masked:
-        # the 8-bit kernel reads its 4 map rows (256 fp32 each, from a torch tensor) once per
-        # program as vectors: those 4 loads and no other
-        assert r["vector_accesses"] == (4 if r["kernel"] == "adam8bit" else 0), r
+        # the 8-bit kernel reads its map tables (1536 words of a torch tensor: 4 rows of 256 and
+        # 512 bucket words, 4 words a thread an access) once per program as vectors: those 6
+        # loads and no other
+        assert r["vector_accesses"] == (6 if r["kernel"] == "adam8bit" else 0), r
