@@ -142,6 +142,47 @@ def test_kernel_path_matches_reference_code_for_code(device, case):
     assert len(eight) == 4 and len(opt.state) == 6  # both layouts in one optimizer
 
 
+@pytest.mark.parametrize("block_size,sizes", [
+    (256, [(65536 + 3 * 1024 + 100,)]),  # 64 tiles, then 3 and a partial one: two chunks
+    (64, [(16384 + 1024 + 7,)]),  # 16 tiles of 16 blocks a chunk (its 256 blocks)
+    (2048, [(2 * 2048 + 5,)]),  # a block a tile, at 4 warps: 2 tiles and a partial one
+])
+def test_gpu_launch_shape_matches_reference_code_for_code(device, monkeypatch, block_size, sizes):
+    """The kernel with the launch shape a GPU gets (tuning.DEFAULT_CONFIG: tiles of 1024 or
+    2048 elements, a chunk of many tiles whose absmax is read once and written at the end),
+    which the interpreter's own config (one tile a chunk) never takes."""
+    from adam_triton import tuning
+    from adam_triton.kernels import adam8bit
+
+    monkeypatch.setattr(tuning, "config_for", lambda key, bench: dict(tuning.DEFAULT_CONFIG))
+    chunk, tile, _ = adam8bit.launch_shape(block_size, tuning.DEFAULT_CONFIG)
+    assert chunk // tile > 1 and sizes[0][0] > 2 * tile and sizes[0][0] % tile  # several tiles, a partial one
+    _, n_codes, one_apart = run_against_reference(device, adam_triton.AdamW8bit,
+                                                  dict(lr=1e-2, block_size=block_size, min_8bit_size=MIN_8BIT),
+                                                  sizes=sizes, steps=3)
+    assert_ties(device, n_codes, one_apart, f"block {block_size}")
+
+
+def test_launch_shape():
+    """Tiles of 16 elements a thread at 2 warps (more for larger blocks); chunks of twice as
+    many tiles as the config's chunk has iterations, at most 256 blocks; the interpreter's
+    config takes its chunk as one tile."""
+    from adam_triton import tuning
+    from adam_triton.kernels import adam8bit
+
+    d = tuning.DEFAULT_CONFIG  # 32 iterations of 512 elements
+    assert adam8bit.launch_shape(256, d) == (65536, 1024, 2)
+    assert adam8bit.launch_shape(32, d) == (8192, 1024, 2)
+    assert adam8bit.launch_shape(64, d) == (16384, 1024, 2)
+    assert adam8bit.launch_shape(2048, d) == (131072, 2048, 4)
+    assert adam8bit.launch_shape(4096, d) == (262144, 4096, 8)
+    assert adam8bit.launch_shape(256, tuning.INTERPRETER_CONFIG, whole_chunk=True) == (4096, 4096, 1)
+    with pytest.raises(ValueError, match="blocks of the 8-bit block size"):
+        adam8bit.launch_shape(4096, dict(CHUNK=2048, BLOCK=1024, num_warps=1), whole_chunk=True)
+    assert adam8bit.max_registers(256, False) == (200 if adam8bit._FITS_200 else 255)
+    assert adam8bit.max_registers(256, True) == adam8bit.max_registers(64, False) == 255
+
+
 def test_clipping(device):
     """max_grad_norm: the two paths reduce the norm in different orders, so their clip
     coefficients (and from there grads, states, params) may differ by an ulp; codes then
