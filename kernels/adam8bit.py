@@ -65,9 +65,8 @@ MAX_REGISTERS, MAX_REGISTERS_LARGE = 200, 255
 # loop-carried register vector (4 words a thread for 256 blocks).
 CHUNK_SCALE = 2
 MAX_CHUNK_BLOCKS = 256
-
-
-# Triton 3.6 (and its CUDA 12.8 ptxas) spills at the cap of 200 in every variant: it gets 255.
+# Before Triton 3.9 the cap is 255: Triton 3.6 (with its CUDA 12.8 ptxas) spills at 200 in
+# every aligned variant.
 _FITS_200 = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
 
 

@@ -11,15 +11,17 @@ dequantize, update in fp32, find the new absmax, requantize, all in registers.
 The tables (map_tables, int32 words) come from global memory once per program and are looked
 up with tl.gather, which the compiler serves from shared memory: no global load depends on
 a code. Per map: its 256 sorted values (dequantize), its 255 sorted decision points t plus
-an +inf pad, and a bucket table for the nearest-code search.
+an +inf pad; and one table of bucket bytes for the nearest-code search of both maps.
 
 Nearest code (quantize): code(y) = #{i : t[i] <= y}. The bits of |y| above the low SHIFT
 bits (its exponent and top BUCKET_BITS mantissa bits), clamped to the binades from 2^MIN_EXP
-to 2, and y's sign pick one of 2 * HALF buckets, each an interval of fp32 values in order.
-The bucket's byte in the table is c, the number of decision points below the bucket (at most
-256 - K), and at most K decision points lie in it, so code = c + #{j < K : t[c + j] <= y}:
-one gather of c and K independent gathers and compares, exact by construction (the table
-builder checks K for the map, and a test checks the search against torch.bucketize).
+to 2, pick one of HALF buckets per sign (signed map: 2 * HALF buckets in value order;
+unsigned map: y clamped at 0, HALF buckets), each an interval of fp32 values. The bucket's
+byte is c, the number of decision points below the bucket (at most 256 - K), and at most K
+decision points lie in it, so code = c + #{j < K : t[c + j] <= y}: one gather of c and K
+independent gathers and compares, exact by construction (the table builder checks K for the
+map; a test checks the search against torch.bucketize, and it was checked once on every fp32
+value with |y| <= 2.5 of both signs).
 """
 
 import torch
