@@ -2,7 +2,7 @@
 search (kernels/quant8.py; quant8.search is its torch form, tested against the kernel's own
 quantize in tests/test_adam8bit.py) against torch.bucketize over the map's decision points,
 for the signed and the unsigned dynamic map. About 2.15 billion values a map; on a 2-core CPU
-about 7 (signed) and 8 (unsigned) minutes.
+about 4 minutes a map (240 s and 256 s on 2026-11-22: 0 codes differ for either map).
 
     python benchmarks/check_bucket_search.py
 """
