@@ -19,10 +19,7 @@ SLICE = 1 << 24
 
 def check(signed):
     table = quant8.map_tables(reference.dynamic_map(True), reference.dynamic_map(False))
-    at = quant8.SIGNED_POINTS if signed else quant8.UNSIGNED_POINTS
-    points = table[at:at + 256].view(torch.float32)
-    buckets = table[quant8.BUCKETS:quant8.BUCKETS + quant8.BUCKET_WORDS]
-    k = quant8.K_SIGNED if signed else quant8.K_UNSIGNED
+    _, points, buckets = quant8.map_parts(table, signed)
     t = reference.code_thresholds(reference.dynamic_map(signed))
     top = torch.tensor(2.5).view(torch.int32).item()
     sign = torch.tensor(-(2**31), dtype=torch.int32)
@@ -31,7 +28,7 @@ def check(signed):
         bits = torch.arange(start, min(start + SLICE, top + 1), dtype=torch.int32)
         for b in (bits, bits | sign):
             y = b.view(torch.float32)
-            differ += int((quant8.search(y, points, buckets, k, signed) != torch.bucketize(y, t, right=True)).sum())
+            differ += int((quant8.search(y, points, buckets, signed) != torch.bucketize(y, t, right=True)).sum())
             checked += y.numel()
     return checked, differ
 

@@ -85,12 +85,11 @@ def _load(ptr, offs, mask):
 
 
 @triton.jit
-def _requantize(codes_ptr, chunk_absmax, x, offs, mask, b, points, buckets, SIGNED: tl.constexpr, K: tl.constexpr,
-                N: tl.constexpr):
+def _requantize(codes_ptr, chunk_absmax, x, offs, mask, b, points, buckets, SIGNED: tl.constexpr, N: tl.constexpr):
     """Requantize fp32 x [ROWS, QBLOCK] (tile b of the chunk) with each block's new absmax:
     store the codes; returns the chunk's absmax vector with the tile's blocks replaced."""
     absmax = quant8.block_absmax(x, mask)
-    tl.store(codes_ptr + offs, quant8.quantize(x, absmax, points, buckets, SIGNED, K, N), mask=mask)
+    tl.store(codes_ptr + offs, quant8.quantize(x, absmax, points, buckets, SIGNED, N), mask=mask)
     ROWS: tl.constexpr = absmax.shape[0]
     ids = tl.arange(0, chunk_absmax.shape[0])
     return tl.where(ids // ROWS == b, tl.gather(absmax, ids % ROWS, 0), chunk_absmax)
@@ -146,12 +145,12 @@ def _adam8bit_tiles(
         # write back: the param, then each state requantized with its blocks' new absmax
         store_param(param_ptr, master_ptr, offs, p, mask, first, seed, PARAM_DTYPE, MASTER, STOCHASTIC, BLOCK)
         m_absmax = _requantize(m_codes_ptr, m_absmax, m, offs, mask, b, signed_points, buckets,
-                               True, quant8.K_SIGNED, BLOCK)
+                               True, BLOCK)
         v_absmax = _requantize(v_codes_ptr, v_absmax, v, offs, mask, b, unsigned_points, buckets,
-                               False, quant8.K_UNSIGNED, BLOCK)
+                               False, BLOCK)
         if AMSGRAD:
             x_absmax = _requantize(x_codes_ptr, x_absmax, vmax, offs, mask, b, unsigned_points, buckets,
-                                   False, quant8.K_UNSIGNED, BLOCK)
+                                   False, BLOCK)
         b += 1
     return m_absmax, v_absmax, x_absmax
 

@@ -51,6 +51,7 @@ BUCKET_WORDS = 512
 K_SIGNED, K_UNSIGNED = 2, 3  # decision points a bucket may hold (map_tables checks them)
 # the same numbers for the kernels (a jit function reads only constexpr globals)
 _SHIFT, _BASE, _HALF, _UNSIGNED_AT = tl.constexpr(SHIFT), tl.constexpr(BASE), tl.constexpr(HALF), tl.constexpr(UNSIGNED_AT)
+_K_SIGNED, _K_UNSIGNED = tl.constexpr(K_SIGNED), tl.constexpr(K_UNSIGNED)
 # word offsets of the tables in map_tables
 SIGNED_VALUES, SIGNED_POINTS, UNSIGNED_VALUES, UNSIGNED_POINTS, BUCKETS = 0, 256, 512, 768, 1024
 MAP_WORDS = 1024 + BUCKET_WORDS
@@ -100,16 +101,24 @@ def map_tables(signed_map, unsigned_map):
     return torch.cat([r.view(torch.int32) for r in rows] + [words]).contiguous()
 
 
-def search(y, points, buckets, k, signed):
-    """The codes the kernels' search gives fp32 y with a map's decision points (fp32 [256], +inf
-    padded) and the bucket words (int32 [BUCKET_WORDS]), in torch: for tests."""
+def map_parts(table, signed):
+    """(values, decision points, bucket words) of one map in a map_tables table: fp32 [256],
+    fp32 [256] (+inf padded), int32 [BUCKET_WORDS] (the words of both maps)."""
+    values, points = (SIGNED_VALUES, SIGNED_POINTS) if signed else (UNSIGNED_VALUES, UNSIGNED_POINTS)
+    return (table[values:values + 256].view(torch.float32), table[points:points + 256].view(torch.float32),
+            table[BUCKETS:BUCKETS + BUCKET_WORDS])
+
+
+def search(y, points, buckets, signed):
+    """The codes the kernels' search gives fp32 y with a map's decision points and the bucket
+    words (map_parts), in torch: for tests."""
     if not signed:
         y = y.clamp(min=0.0)
     b = y.contiguous().view(torch.int32).to(torch.int64)
     kk = (((b & 0x7FFFFFFF) >> SHIFT) - (BASE - 1)).clamp(0, HALF - 1)
     idx = torch.where(b < 0, HALF - 1 - kk, HALF + kk) if signed else UNSIGNED_AT + kk
     c = (buckets.to(torch.int64)[idx >> 2] >> ((idx & 3) * 8)) & 0xFF
-    return c + sum((points[c + j] <= y).long() for j in range(k))
+    return c + sum((points[c + j] <= y).long() for j in range(K_SIGNED if signed else K_UNSIGNED))
 
 
 @triton.jit
@@ -147,7 +156,7 @@ def block_absmax(x, mask):
 
 
 @triton.jit
-def quantize(x, absmax, points, buckets, SIGNED: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+def quantize(x, absmax, points, buckets, SIGNED: tl.constexpr, N: tl.constexpr):
     """uint8 codes [ROWS, QBLOCK] of fp32 x [ROWS, QBLOCK] (N elements) with their blocks'
     absmax [ROWS]: y = x * (1 / absmax) (the reciprocal an IEEE division per block, the
     product rounded on its own; y = 0 where absmax is 0 or NaN; x and absmax both scaled by
@@ -155,7 +164,7 @@ def quantize(x, absmax, points, buckets, SIGNED: tl.constexpr, K: tl.constexpr, 
     map's 255 sorted decision points t (`points`, +inf padded): the nearest map value, a tie
     going up. The bucket search of the module docstring: y's bucket from its bits (SIGNED:
     the signed map's buckets; else the unsigned map's, with y clamped at 0), c from the bucket
-    bytes, then K compares with t[c], ..., t[c + K - 1]."""
+    bytes, then K compares with t[c], ..., t[c + K - 1] (K_SIGNED or K_UNSIGNED)."""
     ok = absmax > 0
     # both scaled by a power of two where the reciprocal would overflow or be subnormal
     scale = tl.where(absmax < TWO_M64, TWO_64, tl.where(absmax > TWO_64, TWO_M64, 1.0))
@@ -168,8 +177,10 @@ def quantize(x, absmax, points, buckets, SIGNED: tl.constexpr, K: tl.constexpr, 
     k = tl.minimum(tl.maximum(((bits & 0x7FFFFFFF) >> _SHIFT) - (_BASE - 1), 0), _HALF - 1)
     if SIGNED:
         idx = tl.where(bits < 0, _HALF - 1 - k, _HALF + k)
+        K: tl.constexpr = _K_SIGNED
     else:
         idx = _UNSIGNED_AT + k
+        K: tl.constexpr = _K_UNSIGNED
     c = (tl.gather(buckets, idx >> 2, 0) >> ((idx & 3) * 8)) & 0xFF
     code = c
     for j in tl.static_range(K):

@@ -286,16 +286,6 @@ def test_adam8bit_nan_grad_spreads_to_its_block_only():
 
 # ------------------------------------------------------------------ the kernels' map tables
 
-def _map_rows(signed):
-    """(values, decision points, bucket table, K) of one map in quant8.map_tables."""
-    table = quant8.map_tables(SIGNED, UNSIGNED)
-    assert table.shape == (quant8.MAP_WORDS,) and table.dtype == torch.int32 and table.is_contiguous()
-    v, t = (quant8.SIGNED_VALUES, quant8.SIGNED_POINTS) if signed else (quant8.UNSIGNED_VALUES, quant8.UNSIGNED_POINTS)
-    k = quant8.K_SIGNED if signed else quant8.K_UNSIGNED
-    return (table[v:v + 256].view(torch.float32), table[t:t + 256].view(torch.float32),
-            table[quant8.BUCKETS:quant8.BUCKETS + quant8.BUCKET_WORDS], k)
-
-
 def _hard_values(q):
     """fp32 values where a nearest-code search can go wrong: every map value and decision
     point and their neighbours 1-2 ulps away, every bucket's first and last value and their
@@ -322,24 +312,27 @@ def test_map_tables_hold_the_values_the_decision_points_and_a_bucket_search(sign
     bucket bytes with which the kernels' search (quant8.search is its torch form) gives the
     reference's code (torch.bucketize) on the values where it could go wrong."""
     q = qmap_of(signed)
-    values, points, buckets, k = _map_rows(signed)
+    table = quant8.map_tables(SIGNED, UNSIGNED)
+    assert table.shape == (quant8.MAP_WORDS,) and table.dtype == torch.int32 and table.is_contiguous()
+    values, points, buckets = quant8.map_parts(table, signed)
+    k = quant8.K_SIGNED if signed else quant8.K_UNSIGNED
     t = ref.code_thresholds(q)
     assert torch.equal(values, q) and torch.equal(points[:255], t) and points[255] == math.inf
     y = _hard_values(q)
-    assert torch.equal(quant8.search(y, points, buckets, k, signed), torch.bucketize(y, t, right=True))
+    assert torch.equal(quant8.search(y, points, buckets, signed), torch.bucketize(y, t, right=True))
     # fewer compares than the map needs: the builder refuses
     with pytest.raises(ValueError, match="decision points"):
         quant8.bucket_bytes(t, k - 1, signed)
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, codes_ptr, maps_ptr, POINTS: tl.constexpr, SIGNED: tl.constexpr, K: tl.constexpr,
-                     ROWS: tl.constexpr, QBLOCK: tl.constexpr):
+def _quantize_kernel(x_ptr, codes_ptr, maps_ptr, POINTS: tl.constexpr, SIGNED: tl.constexpr, ROWS: tl.constexpr,
+                     QBLOCK: tl.constexpr):
     offs = tl.arange(0, ROWS)[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
     x = tl.load(x_ptr + offs)
     points = quant8.load_map(maps_ptr, POINTS)
     buckets = quant8.load_words(maps_ptr, quant8.BUCKETS, quant8.BUCKET_WORDS)
-    codes = quant8.quantize(x, quant8.block_absmax(x, None), points, buckets, SIGNED, K, ROWS * QBLOCK)
+    codes = quant8.quantize(x, quant8.block_absmax(x, None), points, buckets, SIGNED, ROWS * QBLOCK)
     tl.store(codes_ptr + offs, codes)
 
 
@@ -363,9 +356,8 @@ def test_kernel_quantize_gives_the_nearest_code_of_every_hard_value(signed):
     codes = torch.empty(x.shape, dtype=torch.uint8)
     maps = quant8.map_tables(SIGNED, UNSIGNED)
     points_at = quant8.SIGNED_POINTS if signed else quant8.UNSIGNED_POINTS
-    k = quant8.K_SIGNED if signed else quant8.K_UNSIGNED
     for r in range(0, n_blocks_padded, rows):
-        _quantize_kernel[(1,)](x[r:r + rows], codes[r:r + rows], maps, points_at, signed, k, rows, qblock)
+        _quantize_kernel[(1,)](x[r:r + rows], codes[r:r + rows], maps, points_at, signed, rows, qblock)
     want = torch.bucketize(x, ref.code_thresholds(q), right=True)
     assert torch.equal(codes.long(), want)
     assert torch.equal(codes, ref.quantize_with_absmax(x, torch.ones(n_blocks_padded), q, qblock).view(x.shape))
